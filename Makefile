@@ -1,0 +1,63 @@
+# Two commands for a newcomer (see README):  make lab   |   make test
+# Everything runs in .venv, created once and reused by every target.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+NBS    := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+# JupyterLab listens on loopback only; token authentication stays on (Jupyter's default).
+LAB_ARGS := --ServerApp.ip=127.0.0.1 --ServerApp.root_dir=notebooks
+NBVAL_ARGS := --nbval-lax
+EXEC_ARGS := --to notebook --execute --inplace --ExecutePreprocessor.timeout=1800
+
+.PHONY: venv lab test unit nbval notebooks notebook lint bench browser-check clean-runs help timings
+
+help:
+	@echo "make lab        - create .venv if missing, install, start JupyterLab on notebooks/"
+	@echo "make test       - unit tests + every notebook under nbval in smoke mode (what CI runs)"
+	@echo "make notebooks  - re-execute every notebook in place in FULL mode (refresh outputs)"
+	@echo "make notebook NB=notebooks/01_cnn_model.ipynb - one notebook, full mode"
+	@echo "make lint       - ruff on utils/, tests/ and notebooks/"
+	@echo "make bench      - the benchmark table (SERIES_MODE=smoke for a quick check)"
+
+$(STAMP): requirements.txt pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), \
+	  f"Python 3.11 is required, found {sys.version.split()[0]}: install python3.11 or run make PYTHON=/path/to/python3.11"'
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab $(LAB_ARGS)
+
+test: $(STAMP)
+	SERIES_MODE=smoke $(BIN)/pytest tests $(NBVAL_ARGS) notebooks
+
+unit: $(STAMP)
+	SERIES_MODE=smoke $(BIN)/pytest tests
+
+nbval: $(STAMP)
+	SERIES_MODE=smoke $(BIN)/pytest $(NBVAL_ARGS) notebooks
+
+notebooks: $(STAMP)
+	@for nb in $(NBS); do \
+	  echo "== $$nb (full mode)"; \
+	  SERIES_MODE=full $(BIN)/jupyter nbconvert $(EXEC_ARGS) $$nb || exit 1; \
+	done
+
+notebook: $(STAMP)
+	@test -n "$(NB)" || (echo "usage: make notebook NB=notebooks/NN_name.ipynb" && exit 2)
+	SERIES_MODE=full $(BIN)/jupyter nbconvert $(EXEC_ARGS) $(NB)
+
+lint: $(STAMP)
+	$(BIN)/ruff check utils tests notebooks
+
+clean-runs:
+	rm -rf runs
+
+timings: $(STAMP)
+	$(BIN)/python scripts/measure_smoke.py

@@ -1,0 +1,43 @@
+"""Run every notebook in smoke mode (on a temporary copy) and record its wall time.
+
+Writes docs/smoke_runtimes.csv, which notebook 00 and the instructor guide read.
+Usage: make timings   (or: SERIES_MODE=smoke python scripts/measure_smoke.py [NB ...])
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from utils.series import SMOKE_TIMES, notebook_paths, smoke_seconds  # noqa: E402
+
+
+def main(argv: list[str]) -> int:
+    os.environ["SERIES_MODE"] = "smoke"
+    paths = [Path(a) for a in argv] or notebook_paths()
+    times = smoke_seconds()
+    for path in paths:
+        nb = nbformat.read(path, as_version=4)
+        start = time.perf_counter()
+        NotebookClient(nb, timeout=600, resources={"metadata": {"path": str(path.parent)}}).execute()
+        times[path.name] = round(time.perf_counter() - start, 1)
+        print(f"{path.name}: {times[path.name]} s", flush=True)
+    SMOKE_TIMES.parent.mkdir(exist_ok=True)
+    with SMOKE_TIMES.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["notebook", "smoke_seconds"])
+        for name in sorted(times):
+            w.writerow([name, times[name]])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
