@@ -61,3 +61,6 @@ clean-runs:
 
 timings: $(STAMP)
 	$(BIN)/python scripts/measure_smoke.py
+
+browser-check: $(STAMP)
+	$(BIN)/python scripts/browser_check.py
