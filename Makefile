@@ -64,3 +64,6 @@ timings: $(STAMP)
 
 browser-check: $(STAMP)
 	$(BIN)/python scripts/browser_check.py
+
+bench: $(STAMP)
+	$(BIN)/python scripts/bench.py

@@ -1,0 +1,258 @@
+"""`make bench`: one run, one table of ratios, a CSV, a plot, and the machine it ran on.
+
+Each measurement runs in its own Python process, because thread pools and the number of
+logical devices are fixed once TensorFlow starts. Sizes follow SERIES_MODE (smoke: a quick
+check that everything runs; full: the numbers in the README).
+
+Output: bench-results/bench.csv, bench-results/bench.md, bench-results/bench.png,
+bench-results/machine.json, and the table on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench-results"
+
+
+# --------------------------------------------------------------------------- child side
+def child(spec: dict) -> dict:
+    """Run one measurement in this (fresh) process and return its result."""
+    from utils import bench, config, data, devices, models, pipeline
+
+    if spec.get("intra") is not None or spec.get("inter") is not None:
+        devices.set_threads(spec.get("intra"), spec.get("inter"))
+    devices.setup_devices(spec.get("cpus", 1))
+    import keras
+    import tensorflow as tf
+
+    config.seed_everything(0)
+    ds = data.load_cifar10(allow_synthetic=True, n_train=spec["n_train"], n_test=spec.get("n_test"))
+    keras.mixed_precision.set_global_policy(spec.get("policy", "float32"))
+    kind = spec["kind"]
+
+    if kind == "feeds":
+        from utils import throughput
+
+        results = throughput.measure_feeds(
+            ds.x_train, ds.y_train, batch_size=spec["batch"], n_batches=spec["steps"], rounds=3
+        )
+        return {**throughput.pipeline_ratios(results), "synthetic": ds.is_synthetic}
+
+    names = devices.compute_devices()
+    strategy = (
+        tf.distribute.MirroredStrategy(names[: spec["replicas"]])
+        if spec.get("replicas")
+        else tf.distribute.get_strategy()
+    )
+
+    def build() -> keras.Model:
+        with strategy.scope():
+            model = models.build_seed_cnn()
+            model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        return model
+
+    seed_recipe = spec["recipe"] == "seed"
+    if seed_recipe:  # the article: float64 NumPy arrays, batch 32
+        x, y = ds.x_train / 255.0, ds.y_train
+        x_test = ds.x_test / 255.0
+    else:
+        x = pipeline.make_dataset(ds.x_train, ds.y_train, spec["batch"], training=True)
+        y = None
+        x_test = ds.x_test.astype("float32") / 255.0
+
+    if kind == "fit":
+        model = build()
+        ips = bench.fit_throughput(model, x, y, batch_size=spec["batch"], steps=spec["steps"], warmup=spec["warmup"])
+        return {"images_per_s": ips, "synthetic": ds.is_synthetic}
+
+    if kind == "tta":  # time to target test accuracy, training time only
+        model = build()
+        elapsed, acc, epoch = 0.0, 0.0, 0
+        for epoch in range(1, spec["max_epochs"] + 1):
+            start = time.perf_counter()
+            if seed_recipe:
+                model.fit(x, y, batch_size=spec["batch"], epochs=1, verbose=0)
+            else:
+                model.fit(x, epochs=1, verbose=0)
+            elapsed += time.perf_counter() - start
+            acc = float(model.evaluate(x_test, ds.y_test, batch_size=500, verbose=0)[1])
+            print(f"  [{spec['name']}] epoch {epoch}: test accuracy {acc:.3f} after {elapsed:.0f} s", flush=True)
+            if acc >= spec["target"]:
+                break
+        return {"seconds": elapsed, "accuracy": acc, "epochs": epoch, "reached": acc >= spec["target"],
+                "synthetic": ds.is_synthetic}  # fmt: skip
+    raise ValueError(f"unknown kind {kind!r}")
+
+
+def run_child(spec: dict, timeout: float) -> dict:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, __file__, "--child", json.dumps(spec)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    for line in proc.stdout.splitlines():
+        if line.startswith("  ["):
+            print(line, flush=True)
+    results = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not results:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        raise RuntimeError(f"benchmark {spec['name']!r} failed (exit {proc.returncode}):\n{tail}")
+    out = json.loads(results[-1][len("RESULT ") :])
+    print(f"  {spec['name']}: done in {time.perf_counter() - start:.0f} s", flush=True)
+    return out
+
+
+# --------------------------------------------------------------------------- parent side
+def plan(smoke: bool) -> dict:
+    s = {
+        "n_train": 2048 if smoke else 50_000,
+        "n_test": 512 if smoke else 10_000,
+        "steps": 4 if smoke else 60,
+        "warmup": 2 if smoke else 8,
+    }
+    return s
+
+
+def main() -> int:
+    sys.path.insert(0, str(ROOT))
+    from utils import bench, config, models
+
+    smoke = config.is_smoke()
+    p = plan(smoke)
+    OUT.mkdir(exist_ok=True)
+    base = {"n_train": p["n_train"], "n_test": p["n_test"], "steps": p["steps"], "warmup": p["warmup"]}
+    timeout = 600 if smoke else 1800
+
+    # 1. Seed recipe vs the series' recipe (one device each; the seed wraps MirroredStrategy
+    #    around its model, which on one CPU is one replica).
+    seed_steps = p["steps"] * 4  # batch 32: four times as many steps for the same images
+    fits = {
+        "seed recipe (float64 numpy, batch 32)": {"recipe": "seed", "batch": 32, "cpus": 1, "replicas": 1,
+                                                  "steps": seed_steps},
+        "series recipe (tf.data, batch 128, bf16)": {"recipe": "series", "batch": 128, "cpus": 1,
+                                                     "policy": "mixed_bfloat16"},
+        "one device (tf.data, batch 128, fp32)": {"recipe": "series", "batch": 128, "cpus": 1},
+        # 3. Strategy overhead on logical CPUs.
+        "Mirrored 2 CPUs, default threads": {"recipe": "series", "batch": 128, "cpus": 2, "replicas": 2},
+        "Mirrored 4 CPUs, default threads": {"recipe": "series", "batch": 128, "cpus": 4, "replicas": 4},
+        "Mirrored 2 CPUs, tuned threads": {"recipe": "series", "batch": 128, "cpus": 2, "replicas": 2,
+                                           "intra": 1, "inter": 2},
+        "Mirrored 4 CPUs, tuned threads": {"recipe": "series", "batch": 128, "cpus": 4, "replicas": 4,
+                                           "intra": 1, "inter": 4},
+        "Mirrored 2 CPUs, tuned, 128/replica": {"recipe": "series", "batch": 256, "cpus": 2, "replicas": 2,
+                                                "intra": 1, "inter": 2},
+    }  # fmt: skip
+    results: dict[str, dict] = {}
+    print(f"make bench ({config.get_mode()} mode)", flush=True)
+    for name, spec in fits.items():
+        results[name] = run_child({**base, **spec, "kind": "fit", "name": name}, timeout)
+
+    # 2. Input pipeline vs the compute ceiling.
+    feeds = run_child({**base, "kind": "feeds", "batch": 128, "cpus": 1, "name": "feeds",
+                       "steps": max(4, p["steps"] // 2)}, timeout)  # fmt: skip
+
+    # Time to 70% test accuracy: real CIFAR-10 in full mode only.
+    tta = {}
+    synthetic = results["one device (tf.data, batch 128, fp32)"]["synthetic"]
+    if not smoke and not synthetic:
+        for name, spec in [("seed recipe", fits["seed recipe (float64 numpy, batch 32)"]),
+                           ("series recipe", fits["series recipe (tf.data, batch 128, bf16)"])]:  # fmt: skip
+            tta[name] = run_child({**base, **spec, "kind": "tta", "name": name, "target": 0.70,
+                                   "max_epochs": 15}, 3600)  # fmt: skip
+
+    # 4. Achieved FLOP/s of the fp32 training step vs this CPU's peak.
+    cpu = bench.cpu_info()
+    fwd = int(models.layer_table(models.build_seed_cnn()).iloc[-1]["FLOPs/image"])
+    ref = results["one device (tf.data, batch 128, fp32)"]["images_per_s"]
+    achieved = 3 * fwd * ref
+    peak = bench.peak_flops(cpu.cores, (cpu.mhz or 0) / 1000, cpu.datapath_bits) if cpu.mhz else None
+
+    rows = []
+
+    def row(section, name, value, unit, ratio, target, note=""):
+        met = "" if target is None or ratio is None else ("yes" if ratio >= target else "no")
+        rows.append({"section": section, "measurement": name, "value": value, "unit": unit,
+                     "ratio": None if ratio is None else round(ratio, 2),
+                     "target": "" if target is None else f">= {target}", "met": met, "note": note})  # fmt: skip
+
+    seed_ips = results["seed recipe (float64 numpy, batch 32)"]["images_per_s"]
+    for name in list(fits)[:3]:
+        ips = results[name]["images_per_s"]
+        row("1. recipes", name, round(ips), "img/s", ips / seed_ips,
+            2.0 if name.startswith("series") else None, "ratio vs seed recipe")  # fmt: skip
+    if tta:
+        s, t = tta["seed recipe"], tta["series recipe"]
+        for name, r in tta.items():
+            row("1. recipes", f"{name}: time to 70% test accuracy", round(r["seconds"]), "s", None, None,
+                f"{r['epochs']} epochs, reached {r['accuracy']:.1%}" + ("" if r["reached"] else " (NOT reached)"))  # fmt: skip
+        if s["reached"] and t["reached"]:
+            row("1. recipes", "series / seed time to 70%", round(t["seconds"] / s["seconds"], 2), "x",
+                s["seconds"] / t["seconds"], 2.0, "ratio = seed time / series time (target: series <= 0.5x)")  # fmt: skip
+    else:
+        row("1. recipes", "time to 70% test accuracy", "", "", None, None,
+            "skipped: needs real CIFAR-10 and full mode")  # fmt: skip
+    row("2. input pipeline", "tuned tf.data / in-memory ceiling", round(feeds["tuned / ceiling"], 2), "x",
+        feeds["tuned / ceiling"], 0.95)  # fmt: skip
+    row("2. input pipeline", "tuned tf.data / naive numpy", round(feeds["tuned / naive"], 2), "x",
+        feeds["tuned / naive"], None)  # fmt: skip
+    for name in list(fits)[3:]:
+        ips = results[name]["images_per_s"]
+        row("3. strategy overhead", name, round(ips), "img/s", ips / ref, 0.8, "ratio vs one device")
+    if peak:
+        row("4. FLOP/s", "fp32 training step: achieved / peak", f"{achieved / 1e9:.0f} GFLOP/s", "",
+            achieved / peak, None, f"peak {peak / 1e9:.0f} GFLOP/s = {cpu.cores} cores x {cpu.mhz / 1000:.2f} GHz x "
+            f"{cpu.datapath_bits // 32} fp32 lanes x 2 (FMA) x 2 FMA units")  # fmt: skip
+
+    import pandas as pd
+
+    table = pd.DataFrame(rows)
+    machine = {**bench.machine_info(), "mode": config.get_mode(),
+               "data": "synthetic" if synthetic else "CIFAR-10", "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+    table.to_csv(OUT / "bench.csv", index=False)
+    (OUT / "machine.json").write_text(json.dumps(machine, indent=2))
+    md = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    md += ["| " + " | ".join("" if v is None or v != v else str(v) for v in r) + " |" for r in table.itertuples(index=False)]
+    (OUT / "bench.md").write_text(
+        "Machine: " + ", ".join(f"{k}: {v}" for k, v in machine.items()) + "\n\n" + "\n".join(md) + "\n"
+    )
+    plot(table, OUT / "bench.png", machine)
+    with pd.option_context("display.width", 200, "display.max_colwidth", 60):
+        print("\n" + table.drop(columns=["note"]).to_string(index=False))
+    print("\nmachine:", json.dumps(machine))
+    print(f"wrote {OUT.relative_to(ROOT)}/bench.csv, bench.md, bench.png, machine.json")
+    return 0
+
+
+def plot(table, path: Path, machine: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = table[table["ratio"].notna()]
+    fig, ax = plt.subplots(figsize=(9, 0.4 * len(t) + 1.2))
+    colors = ["#228833" if m == "yes" else "#ee6677" if m == "no" else "#4477aa" for m in t["met"]]
+    ax.barh(t["measurement"], t["ratio"], color=colors)
+    for y, (r, tgt) in enumerate(zip(t["ratio"], t["target"], strict=True)):
+        ax.text(r, y, f" {r:.2f}" + (f"  (target {tgt})" if tgt else ""), va="center", fontsize=8)
+    ax.axvline(1.0, color="grey", lw=0.8)
+    ax.invert_yaxis()
+    ax.set_xlabel("ratio (see table: vs seed recipe, vs ceiling, vs one device, vs peak)")
+    ax.set_title(f"make bench: {machine['cpu']}, {machine['cores']} cores, GPU: {machine['gpu']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        sys.path.insert(0, str(ROOT))
+        print("RESULT " + json.dumps(child(json.loads(sys.argv[2]))), flush=True)
+    else:
+        raise SystemExit(main())
