@@ -1,0 +1,127 @@
+"""Every entry of docs/troubleshooting.md is triggered here, and its quote must match.
+
+Entries carry `<!-- check: ID -->` followed by a `> quoted message`. `…` in a quote stands
+for text that varies; the fragments between must appear in the real message, in order.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "troubleshooting.md"
+
+
+def documented() -> dict[str, str]:
+    text = DOC.read_text()
+    entries = {}
+    for m in re.finditer(r"<!-- check: ([\w-]+) -->\n((?:> .*\n?)+)", text):
+        entries[m.group(1)] = " ".join(line[2:].strip() for line in m.group(2).splitlines())
+    return entries
+
+
+def matches(quote: str, message: str) -> bool:
+    pos = 0
+    for fragment in (f.strip() for f in quote.split("…")):
+        if not fragment:
+            continue
+        found = message.find(fragment, pos)
+        if found < 0:
+            return False
+        pos = found + len(fragment)
+    return True
+
+
+def run_py(code: str, **env: str) -> str:
+    full = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **env}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=300)
+    return out.stdout + out.stderr
+
+
+def devices_after_init() -> str:
+    return run_py(
+        "import tensorflow as tf\ntf.constant(1) + 1\nfrom utils import devices\n"
+        "try:\n    devices.setup_devices(3)\nexcept RuntimeError as e:\n    print(e)"
+    )
+
+
+def bad_num_cpus() -> str:
+    return run_py("from utils import devices\ndevices.setup_devices()", SERIES_NUM_CPUS="abc")
+
+
+def oom() -> str:
+    return run_py(
+        "import tensorflow as tf\n"
+        "try:\n    tf.zeros([2**22, 2**22])\nexcept tf.errors.ResourceExhaustedError as e:\n    print(e)"
+    )
+
+
+def bad_mode() -> str:
+    return run_py("from utils import config\nconfig.get_mode()", SERIES_MODE="fast")
+
+
+def cifar_offline(tmp: Path) -> str:
+    code = (
+        "from utils import data\n"
+        "def offline():\n    raise OSError('simulated: no network')\n"
+        "data._download = offline\n"
+        "data.load_cifar10()"
+    )
+    return run_py(code, KERAS_HOME=str(tmp), CIFAR10_DIR="")
+
+
+def cifar_corrupt(tmp: Path) -> str:
+    from utils import data
+
+    x, y, xt, yt, _ = data.make_synthetic(20, 10)
+    folder = data.write_official_layout(tmp, x, y, xt, yt)
+    (folder / "data_batch_1").write_bytes(b"truncated")
+    with pytest.raises(data.CifarFormatError) as err:
+        data.load_cifar10(folder)
+    return str(err.value)
+
+
+def jupyter_root(tmp: Path) -> str:
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("only reproducible when running as root")
+    jupyter = Path(sys.executable).parent / "jupyter"
+    out = subprocess.run(
+        [str(jupyter), "lab", "--no-browser", "--ServerApp.ip=127.0.0.1", "--ServerApp.port=0",
+         f"--ServerApp.root_dir={tmp}"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "JUPYTER_CONFIG_DIR": str(tmp)},
+    )  # fmt: skip
+    return out.stdout + out.stderr
+
+
+TRIGGERS: dict[str, Callable[..., str]] = {
+    "devices-after-init": devices_after_init,
+    "bad-num-cpus": bad_num_cpus,
+    "oom": oom,
+    "bad-mode": bad_mode,
+    "cifar-offline": cifar_offline,
+    "cifar-corrupt": cifar_corrupt,
+    "jupyter-root": jupyter_root,
+}
+
+
+def test_every_entry_has_a_trigger_and_back():
+    assert set(documented()) == set(TRIGGERS)
+
+
+@pytest.mark.parametrize("entry", sorted(TRIGGERS))
+def test_quoted_message_is_the_real_one(entry, tmp_path):
+    trigger = TRIGGERS[entry]
+    message = trigger(tmp_path) if trigger.__code__.co_argcount else trigger()
+    quote = documented()[entry]
+    assert matches(quote, message), f"{entry}: the docs quote\n{quote}\nbut the code printed\n{message[-1500:]}"
+
+
+def test_matcher_rejects_a_wrong_quote():
+    assert matches("a … c", "a b c") and not matches("a … d", "a b c") and not matches("c … a", "a b c")
