@@ -54,7 +54,7 @@ notebook: $(STAMP)
 	SERIES_MODE=full $(BIN)/jupyter nbconvert $(EXEC_ARGS) $(NB)
 
 lint: $(STAMP)
-	$(BIN)/ruff check utils tests notebooks
+	$(BIN)/ruff check utils tests scripts notebooks
 
 clean-runs:
 	rm -rf runs

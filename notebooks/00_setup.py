@@ -43,17 +43,15 @@
 # (`pip install -e .`), so `import utils` works in every notebook wherever you started
 # JupyterLab, and edits to `utils/` take effect after a kernel restart.
 #
-# Import `utils` before TensorFlow: it turns down TensorFlow's C++ start-up log.
+# Import `utils` before TensorFlow: it turns down TensorFlow's C++ warnings. A few lines that
+# TensorFlow prints while it starts (oneDNN, CUDA drivers) still appear; they are harmless.
 
 # %%
 import platform
 
-import utils
 from utils import config, data, devices, series
 
 import keras
-import numpy as np
-import pandas as pd
 import tensorflow as tf
 
 device_table = devices.setup_devices()  # must run before any other TensorFlow op

@@ -39,13 +39,11 @@
 # ## Setup
 
 # %%
-import utils
 from utils import config, data, devices, models
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import tensorflow as tf
 
 print(devices.setup_devices().to_string(index=False))
 config.seed_everything()

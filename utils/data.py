@@ -310,7 +310,7 @@ def write_official_layout(
     """
     target = Path(folder) / FOLDER_NAME
     target.mkdir(parents=True, exist_ok=True)
-    for i, (xs, ys) in enumerate(zip(np.array_split(x_train, 5), np.array_split(y_train, 5)), 1):
+    for i, (xs, ys) in enumerate(zip(np.array_split(x_train, 5), np.array_split(y_train, 5), strict=True), 1):
         write_batch(target / f"data_batch_{i}", xs, ys, f"training batch {i} of 5")
     write_batch(target / TEST_FILE, x_test, y_test, "testing batch 1 of 1")
     meta = {b"label_names": [n.encode() for n in class_names], b"num_cases_per_batch": len(y_test)}
