@@ -26,8 +26,8 @@ def child(spec: dict) -> dict:
     """Run one measurement in this (fresh) process and return its result."""
     from utils import bench, config, data, devices, models, pipeline
 
-    if spec.get("intra") is not None or spec.get("inter") is not None:
-        devices.set_threads(spec.get("intra"), spec.get("inter"))
+    if spec.get("tuned_threads"):
+        devices.set_threads(*devices.replica_threads(spec["replicas"]))
     devices.setup_devices(spec.get("cpus", 1))
     import keras
     import tensorflow as tf
@@ -142,11 +142,13 @@ def main() -> int:
         "Mirrored 2 CPUs, default threads": {"recipe": "series", "batch": 128, "cpus": 2, "replicas": 2},
         "Mirrored 4 CPUs, default threads": {"recipe": "series", "batch": 128, "cpus": 4, "replicas": 4},
         "Mirrored 2 CPUs, tuned threads": {"recipe": "series", "batch": 128, "cpus": 2, "replicas": 2,
-                                           "intra": 1, "inter": 2},
+                                           "tuned_threads": True},
         "Mirrored 4 CPUs, tuned threads": {"recipe": "series", "batch": 128, "cpus": 4, "replicas": 4,
-                                           "intra": 1, "inter": 4},
+                                           "tuned_threads": True},
         "Mirrored 2 CPUs, tuned, 128/replica": {"recipe": "series", "batch": 256, "cpus": 2, "replicas": 2,
-                                                "intra": 1, "inter": 2},
+                                                "tuned_threads": True},
+        "Mirrored 4 CPUs, tuned, 128/replica": {"recipe": "series", "batch": 512, "cpus": 4, "replicas": 4,
+                                                "tuned_threads": True},
     }  # fmt: skip
     results: dict[str, dict] = {}
     print(f"make bench ({config.get_mode()} mode)", flush=True)

@@ -71,3 +71,12 @@ def test_fresh_process_gets_the_requested_cpus():
 def test_bad_env_value_fails_clearly_in_setup():
     out = run_py("from utils import devices\ndevices.setup_devices()", SERIES_NUM_CPUS="abc")
     assert out.returncode != 0 and "whole number >= 1" in out.stderr
+
+
+def test_replica_threads_keep_the_total_near_the_cores():
+    assert devices.replica_threads(2, cores=2) == (1, 2)
+    assert devices.replica_threads(4, cores=2) == (1, 4)
+    assert devices.replica_threads(2, cores=8) == (4, 2)
+    assert devices.replica_threads(1, cores=2) == (2, 2)
+    with pytest.raises(ValueError):
+        devices.replica_threads(0)

@@ -147,3 +147,27 @@ def set_threads(intra_op: int | None, inter_op: int | None) -> None:
             tf.config.threading.set_inter_op_parallelism_threads(inter_op)
     except RuntimeError as err:
         raise RuntimeError(f"Thread pools are fixed once TensorFlow runs. {RESTART_HINT}") from err
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (respects container and affinity limits)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def replica_threads(num_replicas: int, cores: int | None = None) -> tuple[int, int]:
+    """Thread pools for ``num_replicas`` logical-CPU replicas sharing ``cores`` cores.
+
+    With TensorFlow's defaults every op of every replica may use all cores (intra-op pool)
+    while the replicas also run side by side (inter-op pool): N replicas on C cores ask for
+    about N x C threads, which then wait for each other at every op and at the all-reduce.
+    Giving each op ``cores // N`` threads (at least 1) and running up to ``N`` ops at once
+    keeps the total near the core count.
+
+    Returns:
+        ``(intra_op, inter_op)`` for :func:`set_threads`.
+    """
+    n = parse_num_cpus(num_replicas)
+    cores = usable_cores() if cores is None else parse_num_cpus(cores)
+    return max(1, cores // n), max(2, n)
