@@ -30,6 +30,7 @@ def child(spec: dict) -> dict:
         devices.set_threads(*devices.replica_threads(spec["replicas"]))
     devices.setup_devices(spec.get("cpus", 1))
     import keras
+    import numpy as np
     import tensorflow as tf
 
     config.seed_everything(0)
@@ -44,6 +45,44 @@ def child(spec: dict) -> dict:
             ds.x_train, ds.y_train, batch_size=spec["batch"], n_batches=spec["steps"], rounds=3
         )
         return {**throughput.pipeline_ratios(results), "synthetic": ds.is_synthetic}
+
+    if kind == "pp":  # pipeline runner: p stages on p devices vs the same runner with 1 stage
+        from utils import parallel
+
+        model = models.build_seed_cnn()
+        x = tf.constant(ds.x_train[: spec["batch"]].astype("float32") / 255.0)
+        y = tf.constant(ds.y_train[: spec["batch"]])
+        split = parallel.Pipeline.from_sequential(model, spec["stages"])
+        whole = parallel.Pipeline.from_sequential(model, 1)
+        opt_a, opt_b = keras.optimizers.SGD(0.01), keras.optimizers.SGD(0.01)
+        ms = parallel.time_interleaved(
+            {
+                "split": lambda: split.train_step(opt_a, x, y, num_micro_batches=spec["micro"]),
+                "whole": lambda: whole.train_step(opt_b, x, y, num_micro_batches=1),
+            },
+            repeats=spec["steps"],
+            stat="min",
+        )
+        return {"images_per_s": spec["batch"] / ms["split"] * 1e3,
+                "baseline_images_per_s": spec["batch"] / ms["whole"] * 1e3, "synthetic": ds.is_synthetic}  # fmt: skip
+
+    if kind == "tp":  # Megatron MLP head: sharded over N devices vs the same module on 1 device
+        from utils import parallel
+        from utils import tensor_parallel as tp
+
+        feats = np.random.default_rng(0).normal(size=(spec["batch"], 2048)).astype("float32")
+        labels = ds.y_train[: spec["batch"]].astype("int32")
+        steps = {}
+        for label, n in (("sharded", spec["replicas"]), ("one", 1)):
+            mesh = tp.model_mesh(n)
+            mlp = tp.ShardedMLP.create(2048, 1024, 10, mesh, seed=0)
+            xd = tp.shard(feats, tp.replicated(mesh, 2))
+            yd = tp.shard(labels, tp.replicated(mesh, 1))
+            step = tp.make_sgd_step(mlp, 0.05)
+            steps[label] = (lambda step=step, xd=xd, yd=yd: step(xd, yd).numpy())
+        ms = parallel.time_interleaved(steps, repeats=spec["steps"], stat="min")
+        return {"images_per_s": spec["batch"] / ms["sharded"] * 1e3,
+                "baseline_images_per_s": spec["batch"] / ms["one"] * 1e3, "synthetic": ds.is_synthetic}  # fmt: skip
 
     names = devices.compute_devices()
     strategy = (
@@ -159,6 +198,14 @@ def main() -> int:
     feeds = run_child({**base, "kind": "feeds", "batch": 128, "cpus": 1, "name": "feeds",
                        "steps": max(4, p["steps"] // 2)}, timeout)  # fmt: skip
 
+    # 3b. The model-parallel code of notebooks 06 and 07 against itself on one device.
+    mp = {
+        "pipeline, 2 stages on 2 CPUs, m=4": run_child({**base, "kind": "pp", "name": "pp", "batch": 128,
+                                                       "cpus": 2, "stages": 2, "micro": 4}, timeout),
+        "tensor-parallel MLP head on 4 CPUs": run_child({**base, "kind": "tp", "name": "tp", "batch": 128,
+                                                        "cpus": 4, "replicas": 4}, timeout),
+    }  # fmt: skip
+
     # Time to 70% test accuracy: real CIFAR-10 in full mode only.
     tta = {}
     synthetic = results["one device (tf.data, batch 128, fp32)"]["synthetic"]
@@ -206,6 +253,10 @@ def main() -> int:
     for name in list(fits)[3:]:
         ips = results[name]["images_per_s"]
         row("3. strategy overhead", name, round(ips), "img/s", ips / ref, 0.8, "ratio vs one device")
+    for name, r in mp.items():
+        row("3. strategy overhead", name, round(r["images_per_s"]), "img/s",
+            r["images_per_s"] / r["baseline_images_per_s"], 0.8,
+            "ratio vs the same code on one device (pipeline: 1 stage; tensor: 1-device mesh)")  # fmt: skip
     if peak:
         row("4. FLOP/s", "fp32 training step: achieved / peak", f"{achieved / 1e9:.0f} GFLOP/s", "",
             achieved / peak, None, f"peak {peak / 1e9:.0f} GFLOP/s = {cpu.cores} cores x {cpu.mhz / 1000:.2f} GHz x "
