@@ -44,6 +44,7 @@ nbval: $(STAMP)
 	SERIES_MODE=smoke $(BIN)/pytest $(NBVAL_ARGS) notebooks
 
 notebooks: $(STAMP)
+	$(BIN)/python scripts/normalize_notebooks.py
 	@for nb in $(NBS); do \
 	  echo "== $$nb (full mode)"; \
 	  SERIES_MODE=full $(BIN)/jupyter nbconvert $(EXEC_ARGS) $$nb || exit 1; \
@@ -51,6 +52,7 @@ notebooks: $(STAMP)
 
 notebook: $(STAMP)
 	@test -n "$(NB)" || (echo "usage: make notebook NB=notebooks/NN_name.ipynb" && exit 2)
+	$(BIN)/python scripts/normalize_notebooks.py $(NB)
 	SERIES_MODE=full $(BIN)/jupyter nbconvert $(EXEC_ARGS) $(NB)
 
 lint: $(STAMP)
