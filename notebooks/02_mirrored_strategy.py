@@ -1,0 +1,439 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Data parallelism with MirroredStrategy
+#
+# The seed article calls `tf.distribute.MirroredStrategy` "model parallelism". It is not:
+# `MirroredStrategy` is **data parallelism**. Every device holds a *complete* copy of the
+# model and works on a different slice of each batch. This notebook explains what that
+# means, runs it with Keras `model.fit` and with a custom training loop, **proves** that
+# one step on N replicas equals one step on one device, and shows in numbers what a
+# wrongly scaled loss does.
+#
+# ## What you will learn
+#
+# - Why `MirroredStrategy` is data parallelism and not model parallelism: replicas,
+#   mirrored variables, all-reduce of gradients.
+# - Global versus per-replica batch size, and how to scale the learning rate.
+# - What the all-reduce moves: a ring all-reduce sends 2(N−1)/N × the gradient bytes per
+#   device.
+# - How to train under the strategy with `model.fit` and with a custom loop
+#   (`strategy.run` + `tf.nn.compute_average_loss`).
+# - How to check that N replicas compute exactly what one device computes, and what goes
+#   wrong when the loss is averaged per replica instead of over the global batch.
+#
+# ## Run time
+#
+# | mode | 2-core CPU (4 logical CPUs) | GPU |
+# |---|---|---|
+# | full (`SERIES_MODE=full`, all of CIFAR-10) | 9–10 min (measured while other jobs shared the cores; less alone) | not measured yet |
+# | smoke (`SERIES_MODE=smoke`, CI) | 1–3 min (same conditions) | not measured yet |
+
+# %% [markdown]
+# ## Setup
+#
+# `setup_devices()` must run before any other TensorFlow code: without a GPU it splits the
+# CPU into 4 *logical* CPUs (set `SERIES_NUM_CPUS` to change that). They share the same two
+# physical cores, so they show the *semantics* of multi-device training, not a speed-up. On
+# a machine with GPUs the same code uses every GPU instead.
+
+# %%
+import utils  # noqa: F401  (quiets TensorFlow's C++ start-up log)
+from utils import devices
+
+print(devices.setup_devices().to_string(index=False))
+
+# %%
+import time
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from utils import config, data, distribute, models, pipeline
+
+tf.get_logger().setLevel("WARNING")  # Jupyter would show TensorFlow's INFO lines (e.g. each strategy's devices)
+pd.set_option("display.width", 160)
+pd.set_option("display.max_columns", 20)
+S = config.sizes()
+print("mode:", config.get_mode(), "| seed:", config.seed_everything())
+print("TensorFlow", tf.__version__, "| Keras", keras.__version__, "| devices:", devices.device_kind())
+
+# %% [markdown]
+# ## Data parallelism is not model parallelism
+#
+# There are two basic ways to spread training over N devices:
+#
+# | | data parallelism (`MirroredStrategy`) | model parallelism (later notebooks) |
+# |---|---|---|
+# | what is split | each **batch** of examples | the **model** (layers, or tensors inside a layer) |
+# | each device holds | a full copy of every weight | only its part of the weights |
+# | what travels between devices | gradients, once per step (all-reduce) | activations and their gradients, inside every forward and backward pass |
+# | largest model | must fit on **one** device | can exceed one device |
+# | what it buys | more examples per second | room for a model too large for one device |
+#
+# So data parallelism does not help with a model that is *too large for one device*,
+# which is what this series is about. It is still the first tool to learn: it is the
+# simplest way to use several devices, and every larger scheme (hybrid parallelism, ZeRO,
+# FSDP) combines it with something else.
+#
+# One training step of `MirroredStrategy` with N replicas and a global batch of B examples:
+#
+# 1. the input pipeline's batch of B examples is split into N per-replica batches of B/N;
+# 2. every replica runs the forward and backward pass on its B/N examples, with its own
+#    copy of the weights, and gets gradients;
+# 3. an **all-reduce** sums the N gradients, so every replica ends up with the same sum;
+# 4. every replica applies the same update to its copy: the copies stay identical
+#    ("mirrored").
+#
+# ## Replicas and mirrored variables
+#
+# `distribute.make_strategy()` builds a `MirroredStrategy` over
+# `devices.compute_devices()`: all GPUs if there are any, else all logical CPUs.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+strategy = distribute.make_strategy()
+N = strategy.num_replicas_in_sync
+print("replicas:", N)
+print(distribute.strategy_table(strategy).to_string(index=False))
+
+# %% [markdown]
+# The "all-reduce" column is the implementation TensorFlow chose: `CollectiveAllReduce`
+# for CPUs (and NCCL-based all-reduce for several GPUs).
+#
+# Variables created inside `strategy.scope()` become *mirrored variables*: one copy per
+# replica, kept in sync. A Keras 3 variable wraps a `tf.Variable` in `.value`; under the
+# strategy that is a `MirroredVariable`.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+with strategy.scope():
+    fit_model = models.build_seed_cnn(name="fit_model")
+kernel = fit_model.get_layer("conv1").kernel
+copies = strategy.experimental_local_results(kernel.value)
+print("conv1 kernel:", type(kernel.value).__name__, tuple(kernel.shape))
+print(f"copies: {len(copies)}, one per replica: {len(copies) == N}")
+print("all copies equal:", all(np.array_equal(copies[0].numpy(), c.numpy()) for c in copies))
+print(f"parameters per copy: {fit_model.count_params():,}")
+
+# %% [markdown]
+# ## Global batch, per-replica batch, learning rate
+#
+# The batch the input pipeline produces is the **global** batch. Each replica sees
+# global / N examples per step. If you keep the per-replica batch fixed and add replicas,
+# the global batch grows, there are fewer steps per epoch, and the learning rate usually
+# has to grow with it. The *linear scaling rule* (Goyal et al., 2017) multiplies the
+# learning rate by the same factor as the batch (with a warm-up for large factors); for
+# Adam a square-root rule is also common.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+GLOBAL_BATCH = S.batch_size
+PER_REPLICA = distribute.per_replica_batch_size(GLOBAL_BATCH, N)
+print(f"global batch {GLOBAL_BATCH} = {N} replicas x {PER_REPLICA} examples")
+lr_rows = [
+    {
+        "replicas": n,
+        "per-replica batch": PER_REPLICA,
+        "global batch": n * PER_REPLICA,
+        "lr (linear rule)": distribute.scaled_learning_rate(1e-3, PER_REPLICA, n * PER_REPLICA),
+        "lr (sqrt rule)": round(distribute.scaled_learning_rate(1e-3, PER_REPLICA, n * PER_REPLICA, "sqrt"), 6),
+    }
+    for n in (1, 2, 4, 8)
+]
+print(pd.DataFrame(lr_rows).to_string(index=False))
+
+# %% [markdown]
+# ## What the all-reduce moves
+#
+# After the backward pass each replica holds a gradient as large as the model. The
+# all-reduce turns N gradients into their sum on every device. A **ring all-reduce**
+# (Patarasuk & Yuan, 2009; used by NCCL and by collective ops) arranges the devices in a
+# ring and runs two phases, each of N−1 steps that pass 1/N of the gradient to the
+# neighbour: a *reduce-scatter* (each device ends up owning the full sum of one 1/N
+# chunk) and an *all-gather* (the summed chunks travel around). Each device therefore
+# sends, and receives, 2(N−1)/N × the gradient bytes per step: almost independent of N.
+# Sending every gradient to one device and the sum back instead makes that device move
+# 2(N−1) × the gradient bytes, which grows with N.
+#
+# For the seed CNN in float32:
+
+# %%
+# NBVAL_CHECK_OUTPUT
+traffic = distribute.allreduce_table(fit_model.count_params(), device_counts=(1, 2, 4, 8, 16))
+print(traffic.round(3).to_string(index=False))
+
+# %% [markdown]
+# The seed CNN's gradient is tiny (see "gradient MB" above), so here communication is
+# cheap. For a model with billions of parameters it is gigabytes per step, which is why
+# gradient all-reduce bandwidth decides how well data parallelism scales.
+#
+# ## Training with `model.fit` under the strategy
+#
+# With Keras the only change is *where* you build and compile the model: inside
+# `strategy.scope()`. `fit` then distributes each global batch of the dataset over the
+# replicas, and Keras scales the loss for you: inside a strategy a Keras loss with the
+# default reduction divides by the number of replicas (`scale_loss_for_distribution` in
+# Keras 3), so that summing the replicas' gradients gives the gradient of the global mean.
+#
+# The input is the series' `tf.data` pipeline (notebook 03 takes it apart), batched by
+# the **global** batch size. Evaluation on the test set runs under the strategy too.
+
+# %%
+cifar = data.load_for_mode()
+print(cifar.describe())
+train_ds = pipeline.make_dataset(cifar.x_train, cifar.y_train, GLOBAL_BATCH, training=True)
+test_ds = pipeline.make_dataset(cifar.x_test, cifar.y_test, GLOBAL_BATCH, training=False)
+FIT_EPOCHS = config.pick(smoke=1, full=2)
+
+# %%
+with strategy.scope():
+    fit_model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+start = time.perf_counter()
+# shuffle=False: the tf.data pipeline already shuffles (Keras would ignore it, with a warning).
+history = fit_model.fit(train_ds, epochs=FIT_EPOCHS, shuffle=False, verbose=2)
+fit_seconds = time.perf_counter() - start
+fit_loss, fit_acc = fit_model.evaluate(test_ds, verbose=0)
+print(f"model.fit: {FIT_EPOCHS} epoch(s) in {fit_seconds:.0f} s, test accuracy {fit_acc:.3f}")
+
+# %% [markdown]
+# Training changed every copy of the weights, and all copies still agree:
+
+# %%
+# NBVAL_CHECK_OUTPUT
+copies = strategy.experimental_local_results(fit_model.get_layer("conv1").kernel.value)
+print("after training, all copies equal:", all(np.array_equal(copies[0].numpy(), c.numpy()) for c in copies))
+
+# %% [markdown]
+# ## A custom training loop
+#
+# A custom loop makes the data-parallel step visible. `distribute.make_train_step` builds
+# it; its core is:
+#
+# ```python
+# def step_fn(x, y):                                    # runs once per replica
+#     with tf.GradientTape() as tape:
+#         probs = model(x, training=True)
+#         per_example = keras.losses.sparse_categorical_crossentropy(y, probs)
+#         loss = tf.nn.compute_average_loss(per_example, global_batch_size=GLOBAL_BATCH)
+#     grads = tape.gradient(loss, model.trainable_variables)
+#     optimizer.apply_gradients(zip(grads, model.trainable_variables))  # all-reduce (sum) + update
+#     return loss
+#
+# @tf.function
+# def train_step(dist_batch):
+#     per_replica_loss = strategy.run(step_fn, args=dist_batch)
+#     return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica_loss, axis=None)
+# ```
+#
+# `tf.nn.compute_average_loss` divides the *sum* of the replica's per-example losses by the
+# **global** batch size. Summing those N partial losses (and their gradients, which the
+# optimizer all-reduces) gives exactly the mean over the global batch.
+# `experimental_distribute_dataset` splits each global batch into per-replica batches.
+
+# %%
+with strategy.scope():
+    ctl_model = models.build_seed_cnn(name="ctl_model")
+    ctl_optimizer = keras.optimizers.Adam(1e-3)
+train_step = distribute.make_train_step(strategy, ctl_model, ctl_optimizer, GLOBAL_BATCH)
+dist_train = strategy.experimental_distribute_dataset(train_ds)
+
+start = time.perf_counter()
+total, steps = tf.constant(0.0), 0
+for dist_batch in dist_train:
+    total += train_step(dist_batch)  # stays a tensor: no wait for each step to finish
+    steps += 1
+total = float(total)
+ctl_seconds = time.perf_counter() - start
+with strategy.scope():
+    ctl_model.compile(optimizer=ctl_optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+ctl_loss, ctl_acc = ctl_model.evaluate(test_ds, verbose=0)
+print(f"custom loop: 1 epoch, {steps} steps in {ctl_seconds:.0f} s, mean training loss {total / steps:.3f}, "
+      f"test accuracy {ctl_acc:.3f}")
+
+# %% [markdown]
+# Both ways train the same model from the same pipeline; the printed test accuracies show
+# how far each got in its epochs.
+#
+# ## Proof: N replicas compute what one device computes
+#
+# Data parallelism is only correct if a step on N replicas with global batch B gives the
+# same updated weights as a step on **one** device with the same B examples.
+# `distribute.compare_one_step` checks exactly that: it builds the model twice from the same
+# initial weights, takes one plain-SGD step on one device and one on all replicas (custom
+# loop, or `model.fit`), and compares every updated weight. Plain SGD makes the update
+# proportional to the gradient, so any error in the gradient shows one to one. Only float32
+# round-off (the sums are taken in a different order) may differ; the tolerance is 1e-5.
+
+# %%
+x_batch, y_batch = cifar.x_train[:GLOBAL_BATCH], cifar.y_train[:GLOBAL_BATCH]
+proof_ctl = distribute.compare_one_step(models.build_seed_cnn, x_batch, y_batch, strategy, method="custom loop")
+proof_fit = distribute.compare_one_step(models.build_seed_cnn, x_batch, y_batch, strategy, method="model.fit")
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print(proof_ctl.verdict())
+print(proof_fit.verdict())
+
+# %% [markdown]
+# The measured differences (these vary with the data and the machine, so they are not
+# part of the check above):
+
+# %%
+for r in (proof_ctl, proof_fit):
+    print(f"{r.method:12s} max |w_N - w_1| = {r.max_abs_diff:.2e}  (tolerance {r.tolerance:g}), "
+          f"update size / one device = {r.update_ratio:.6f}")
+
+# %% [markdown]
+# ## What goes wrong with the wrong loss scaling
+#
+# The classic bug in a custom loop is to average the loss over the replica's own examples
+# (`tf.reduce_mean(per_example)`) instead of over the global batch. Each replica's loss
+# is then N times too large relative to the global mean, and since the optimizer
+# **sums** the replicas' gradients, the update is N times too large: with SGD it is as if
+# the learning rate had been silently multiplied by N. `model.fit` cannot make this
+# mistake; a custom loop can.
+#
+# One step with each scaling, for plain SGD (learning rate 0.1) and for Adam (1e-3),
+# against one device:
+
+# %%
+scaling_results = [proof_ctl] + [  # proof_ctl is the correct SGD row
+    distribute.compare_one_step(models.build_seed_cnn, x_batch, y_batch, strategy,
+                                scaling=scaling_name, optimizer=opt, learning_rate=lr)
+    for opt, scaling_name, lr in [("sgd", "per_replica_mean", 0.1), ("adam", "global", 1e-3),
+                                  ("adam", "per_replica_mean", 1e-3)]
+]
+scaling = distribute.comparisons_table(scaling_results)
+print(scaling.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+
+# %%
+# NBVAL_CHECK_OUTPUT
+sgd_ok, sgd_wrong, adam_ok, adam_wrong = scaling_results
+for r in (sgd_ok, sgd_wrong, adam_ok):
+    print(r.verdict())
+print(f"SGD, per-replica mean: update is {N} x the correct one (within 1%):",
+      abs(sgd_wrong.update_ratio - N) < 0.01 * N)
+print(f"per-replica mean: reported loss is {N} x the global mean (within 1%):",
+      abs(sgd_wrong.loss_reported / sgd_wrong.loss_one_device - N) < 0.01 * N)
+
+# %% [markdown]
+# Read the table above:
+#
+# - **SGD**: with the per-replica mean the weights move N times as far as they should
+#   ("update size / one device"), and the reported loss is N times the true loss.
+# - **Adam** divides each step by a running estimate of the gradient's magnitude, so a
+#   gradient N times too large gives almost the same step: the "update size / one device"
+#   of its wrong row is close to 1, yet the weights are still not equal within the
+#   tolerance, and the logged loss is still N times too large. The bug hides, and surfaces
+#   later, e.g. with gradient clipping, weight decay, or a switch to SGD.
+#
+# ## Honest timing: logical CPUs are not extra hardware
+#
+# The 4 logical CPUs share 2 physical cores, so splitting a batch over them cannot make
+# training N times faster: the same arithmetic runs on the same cores, plus the cost of
+# coordinating replicas. Time the same custom step on 1 replica and on N replicas at the
+# same global batch:
+
+# %%
+one = distribute.make_strategy(devices.compute_devices()[:1])
+timing = pd.DataFrame(
+    [
+        {
+            "replicas": s.num_replicas_in_sync,
+            "global batch": GLOBAL_BATCH,
+            "images/s": round(distribute.time_train_steps(
+                s, models.build_seed_cnn, cifar.x_train, cifar.y_train, GLOBAL_BATCH, steps=S.steps)),
+        }
+        for s in (one, strategy)
+    ]
+)
+timing["vs 1 replica"] = (timing["images/s"] / timing["images/s"].iloc[0]).round(2)
+print(timing.to_string(index=False))
+
+# %% [markdown]
+# Compare the "vs 1 replica" column with N: it is nowhere near N. What difference
+# there is from 1.0 comes from how TensorFlow spreads work over the two cores (N smaller
+# convolutions can run side by side, where one large one relies on multi-threading
+# inside each op), from the extra all-reduce, and from noise: these are short timings on
+# a machine shared with other programs.
+#
+# On real GPUs each replica has its own arithmetic units and memory, so N GPUs process
+# close to N times the images per second, as long as the all-reduce (over NVLink or PCIe)
+# and the input pipeline keep up. The code above runs there unchanged.
+#
+# ## Summary
+#
+# - `MirroredStrategy` is **data parallelism**: a full model copy per replica, each global
+#   batch split over replicas, gradients summed by an all-reduce, identical updates. It
+#   does not split the model and cannot train a model that does not fit on one device.
+# - Build model and optimizer inside `strategy.scope()`; feed batches of the **global**
+#   batch size; scale the learning rate when the global batch grows.
+# - A ring all-reduce sends 2(N−1)/N × the gradient bytes per device and step.
+# - In a custom loop, divide by the **global** batch size (`tf.nn.compute_average_loss`);
+#   Keras `fit` does the equivalent for you.
+# - The proof cells show that one step on N replicas equals one step on one device within
+#   float32 round-off, and that the per-replica mean multiplies the SGD update by N.
+#
+# ## Exercises
+#
+# 1. Build a strategy over only the first two devices and repeat the one-step comparison
+#    with the wrong scaling. By what factor is the SGD update too large now?
+# 2. How many bytes does each device send per step in a ring all-reduce of a 7-billion
+#    parameter model with bfloat16 gradients on 8 GPUs, and how long does that take at
+#    300 GB/s? Compare with sending everything to one device.
+# 3. Fix the wrong scaling *without* `tf.nn.compute_average_loss`: which single factor do
+#    you multiply the per-replica mean by? Check it with `distribute.replica_loss` on a
+#    replica batch of per-example losses.
+
+# %% jupyter={"source_hidden": true}
+# Solution 1
+two = distribute.make_strategy(devices.compute_devices()[:2])
+r = distribute.compare_one_step(models.build_seed_cnn, x_batch, y_batch, two, scaling="per_replica_mean")
+print(r.verdict(), f"| update size / one device = {r.update_ratio:.3f}")
+
+# %% jupyter={"source_hidden": true}
+# Solution 2
+big = distribute.allreduce_table(7_000_000_000, device_counts=(8,), bytes_per_value=2, link_gb_per_s=300)
+print(big.round(1).to_string(index=False))
+
+# %% jupyter={"source_hidden": true}
+# Solution 3: per-replica mean x (per-replica batch / global batch) = sum / global batch.
+per_example = tf.constant([0.5, 1.0, 1.5, 3.0])  # one replica's 4 examples, global batch 4 * N
+wrong = distribute.replica_loss(per_example, 4 * N, "per_replica_mean")
+fixed = wrong * (4 / (4 * N))
+right = distribute.replica_loss(per_example, 4 * N, "global")
+print(f"wrong {float(wrong):.4f}, fixed {float(fixed):.4f}, compute_average_loss {float(right):.4f}")
+
+# %% [markdown]
+# ## Further reading
+#
+# - TensorFlow guide, [Distributed training with TensorFlow](https://www.tensorflow.org/guide/distributed_training)
+#   and [Custom training with tf.distribute.Strategy](https://www.tensorflow.org/tutorials/distribute/custom_training).
+# - Keras guide, [Multi-GPU distributed training with TensorFlow](https://keras.io/guides/distributed_training_with_tensorflow/).
+# - P. Goyal et al., *Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour*, 2017,
+#   [arXiv:1706.02677](https://arxiv.org/abs/1706.02677) (linear scaling rule, warm-up).
+# - P. Patarasuk and X. Yuan, *Bandwidth optimal all-reduce algorithms for clusters of
+#   workstations*, J. Parallel Distrib. Comput. 69(2), 2009 (ring all-reduce).
+# - A. Sergeev and M. Del Balso, *Horovod: fast and easy distributed deep learning in
+#   TensorFlow*, 2018, [arXiv:1802.05799](https://arxiv.org/abs/1802.05799).
+# - S. Li et al., *PyTorch Distributed: Experiences on Accelerating Data Parallel
+#   Training*, VLDB 2020, [arXiv:2006.15704](https://arxiv.org/abs/2006.15704).

@@ -1,0 +1,394 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # A CIFAR-10 input pipeline for data-parallel training
+#
+# Data parallelism multiplies the number of images a step consumes: N replicas eat a
+# global batch every step. If the input cannot deliver, the replicas wait. The seed article
+# feeds `model.fit` a float64 NumPy array; this notebook builds the series' `tf.data`
+# pipeline instead, measures how close it gets to the compute ceiling, and shows exactly
+# which examples each replica receives when a strategy distributes the data.
+#
+# ## What you will learn
+#
+# - How to build a `tf.data` pipeline for CIFAR-10: cache, shuffle, batch by the global
+#   batch size, normalise, augment (pad-and-crop, flip) and prefetch with `AUTOTUNE`, and
+#   why batching *before* the per-image work matters on a CPU.
+# - How to measure a feed in images/s and compare it with naive NumPy feeding and with
+#   in-memory tensors (the compute ceiling).
+# - What `experimental_distribute_dataset` and `distribute_datasets_from_function` hand to
+#   each replica, and how auto-shard policies split data between workers.
+#
+# ## Run time
+#
+# | mode | 2-core CPU (4 logical CPUs) | GPU |
+# |---|---|---|
+# | full (`SERIES_MODE=full`, all of CIFAR-10) | 1–3 min (measured while other jobs shared the cores) | not measured yet |
+# | smoke (`SERIES_MODE=smoke`, CI) | 30 s | not measured yet |
+
+# %% [markdown]
+# ## Setup
+#
+# As in every notebook, `setup_devices()` runs first: 4 logical CPUs sharing the two
+# physical cores (or all GPUs, when present).
+
+# %%
+import utils  # noqa: F401  (quiets TensorFlow's C++ start-up log)
+from utils import devices
+
+print(devices.setup_devices().to_string(index=False))
+
+# %%
+import time
+
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from utils import config, data, distribute, pipeline, plots, throughput
+
+tf.get_logger().setLevel("WARNING")  # Jupyter would show TensorFlow's INFO lines (e.g. each strategy's devices)
+pd.set_option("display.width", 160)
+pd.set_option("display.max_colwidth", 60)
+S = config.sizes()
+GLOBAL_BATCH = S.batch_size
+print("mode:", config.get_mode(), "| seed:", config.seed_everything())
+print("TensorFlow", tf.__version__, "| Keras", keras.__version__, "| devices:", devices.device_kind())
+
+# %% [markdown]
+# ## The data
+#
+# `data.load_for_mode()` loads CIFAR-10 from a local copy (`$CIFAR10_DIR`), Keras's cache or
+# a download; in smoke mode without any copy it falls back to small synthetic
+# CIFAR-shaped data, and says so.
+
+# %%
+cifar = data.load_for_mode()
+print(cifar.describe())
+
+# %% [markdown]
+# Two training images of each class, with their class names:
+
+# %%
+per_class = [np.flatnonzero(cifar.y_train == c)[:2] for c in range(len(cifar.class_names))]
+idx = np.array(per_class).T.reshape(-1)  # airplane, automobile, ..., then the second of each
+fig = plots.image_grid(
+    cifar.x_train[idx], cifar.y_train[idx], cifar.class_names, ncols=10,
+    title=f"Training images ({cifar.label})",
+)
+
+# %% [markdown]
+# ## The tuned pipeline
+#
+# `pipeline.make_dataset` builds, in this order:
+#
+# 1. `from_tensor_slices` over the **uint8** arrays, then `cache()`: after the first pass
+#    the examples come from memory, at a quarter of the size of float32;
+# 2. `shuffle(len(x))`: a perfect shuffle, fresh every epoch;
+# 3. `batch(global_batch, drop_remainder=True)` for training: the strategy splits every
+#    batch evenly over the replicas;
+# 4. one `map` over **whole batches**: normalise to [0, 1] and augment: pad 4 pixels
+#    (reflect), crop back to 32×32 at a random offset, and flip half the images
+#    left-right. Done per batch, this is a handful of large vectorised ops instead of
+#    many small per-image ops (whether that saves CPU time depends on the ops: exercise 1
+#    measures it for this pipeline);
+# 5. `prefetch(AUTOTUNE)`: prepare the next batches on background threads while the
+#    current step runs. `AUTOTUNE` lets `tf.data` choose the parallelism and buffer sizes.
+#
+# Augmentation uses stateless random ops with a seed derived from the batch number, so a
+# pipeline with a fixed seed yields the same batches on every run. The test pipeline
+# neither shuffles nor augments.
+
+# %%
+train_ds = pipeline.make_dataset(cifar.x_train, cifar.y_train, GLOBAL_BATCH, training=True, seed=0)
+test_ds = pipeline.make_dataset(cifar.x_test, cifar.y_test, GLOBAL_BATCH, training=False)
+print(f"training batches per epoch: {int(train_ds.cardinality())}, test batches: {int(test_ds.cardinality())}")
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print("train element_spec:", train_ds.element_spec)
+images, labels = next(iter(train_ds))
+print(f"first batch: images {tuple(images.shape)} {images.dtype.name}, labels {tuple(labels.shape)} {labels.dtype.name}")
+print("pixels in [0, 1]:", bool(tf.reduce_min(images) >= 0.0) and bool(tf.reduce_max(images) <= 1.0))
+again, _ = next(iter(pipeline.make_dataset(cifar.x_train, cifar.y_train, GLOBAL_BATCH, training=True, seed=0)))
+other, _ = next(iter(pipeline.make_dataset(cifar.x_train, cifar.y_train, GLOBAL_BATCH, training=True, seed=1)))
+print("same seed, same first batch:", bool(tf.reduce_all(images == again)))
+print("other seed, other first batch:", not bool(tf.reduce_all(images == other)))
+test_images, test_labels = next(iter(test_ds))
+print("test pipeline keeps order and pixels:",
+      np.array_equal(test_labels.numpy(), cifar.y_test[:GLOBAL_BATCH])
+      and np.allclose(test_images.numpy(), cifar.x_test[:GLOBAL_BATCH] / 255.0, atol=1e-6))
+
+# %% [markdown]
+# What the augmentation does: the top row shows eight images as stored; the two rows
+# below show the same images after `pipeline.augment_batch` with two different seeds
+# (shifted by up to 4 pixels, some flipped).
+
+# %%
+originals = pipeline.normalize(cifar.x_train[:8])
+rows = [originals] + [pipeline.augment_batch(originals, tf.constant([s, 0], tf.int64)) for s in (1, 2)]
+fig = plots.image_grid(
+    np.concatenate([r.numpy() for r in rows]), np.tile(cifar.y_train[:8], 3), cifar.class_names, ncols=8,
+    title="Original (top) and two augmentations",
+)
+
+# %% [markdown]
+# ## Three feeds, measured
+#
+# `throughput.measure_feeds` drives the **same** compiled training step of the seed CNN,
+# on one device, from three feeds:
+#
+# - **naive numpy**: the seed article's feed: `x / 255.0` as one float64 array, then a
+#   shuffled slice per step, converted to a tensor at every call. No augmentation.
+# - **tuned tf.data**: the pipeline above, *with* augmentation.
+# - **in-memory tensors**: batches normalised before timing starts; the step does no input
+#   work at all. This is the compute ceiling.
+#
+# Each feed first gets a few untimed warm-up steps (tracing, filling the cache and the
+# shuffle buffer). The feeds are then timed in interleaved rounds, and each ratio between
+# two feeds is taken within a round (where both saw about the same load from other
+# programs), then the median over rounds is kept. Even so, on a shared 2-core machine the
+# numbers move from run to run: the input pipeline's threads and the model's ops compete
+# for the same two cores, and so does everything else running.
+
+# %%
+feed_results = throughput.measure_feeds(
+    cifar.x_train, cifar.y_train, batch_size=GLOBAL_BATCH, n_batches=S.bench_batches,
+    rounds=config.pick(smoke=2, full=5),
+)
+feeds = throughput.feeds_table(feed_results)
+ratios = throughput.pipeline_ratios(feed_results)
+print(feeds.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:,.0f}" if v >= 10 else f"{v:.3f}"))
+print(f"tuned / ceiling = {ratios['tuned / ceiling']:.3f}, tuned / naive = {ratios['tuned / naive']:.3f}")
+
+# %%
+fig = plots.bar_chart(
+    feeds.set_index("feed")["median images/s"], xlabel="images/s (median round)",
+    title=f"Seed CNN training step, batch {GLOBAL_BATCH}, one device",
+    reference=float(feeds["median images/s"].iloc[-1]), reference_label="compute ceiling",
+)
+
+# %% [markdown]
+# Read the table:
+#
+# - "share of ceiling" is the feed's speed divided by the ceiling's, round by round
+#   (median). A share near 1 means the feed keeps the step busy: the model, not the input,
+#   limits the speed. A share above 1 can only be noise (no feed beats doing no input
+#   work at all): other programs took CPU time during some rounds.
+# - "feed alone images/s" is how fast the feed delivers batches with no training at all:
+#   its own cost. The tuned feed does more work than the naive one (it augments every
+#   image), so compare these two numbers.
+# - "predicted share (no spare core)" turns that cost into the share you can expect when
+#   the input work and the model compete for the same, fully used cores, as on this
+#   2-core CPU: the times per image add up, so the share is alone / (alone + ceiling).
+#   Prefetching cannot hide input work when no core is idle.
+#
+# On a GPU machine the picture changes: the step runs on the GPU while the CPU cores
+# prepare batches in parallel, so a feed whose "alone" speed is above the GPU's step rate
+# reaches the ceiling, and a naive feed that makes the step wait for every batch falls
+# far behind. The repository's `scripts/bench_pipeline.py` runs the same measurement with
+# more rounds, for a quiet machine.
+#
+# ## Distributing the data to replicas
+#
+# A strategy needs a *distributed* dataset. There are two ways to get one:
+#
+# - `strategy.experimental_distribute_dataset(ds)`: you batch by the **global** batch
+#   size; the strategy splits every batch into N per-replica batches.
+# - `strategy.distribute_datasets_from_function(fn)`: the strategy calls `fn(ctx)` once per
+#   *input pipeline* (one per worker machine) with a `tf.distribute.InputContext`; `fn`
+#   batches by the **per-replica** size (`ctx.get_per_replica_batch_size`) and may shard
+#   the data itself (`ctx.input_pipeline_id`, `ctx.num_input_pipelines`). The strategy deals
+#   consecutive batches to the replicas of that worker.
+#
+# To *see* what each replica receives, `distribute.replica_batches` feeds a dataset of
+# example ids 0, 1, 2, … instead of images. Here: 20 examples, global batch 8.
+
+# %%
+strategy = distribute.make_strategy()
+N = strategy.num_replicas_in_sync
+DEMO_BATCH = 2 * N
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print(f"experimental_distribute_dataset, {N} replicas, 20 examples, global batch {DEMO_BATCH}:")
+print(distribute.replica_batches(strategy, 20, DEMO_BATCH, method="experimental_distribute_dataset").to_string(index=False))
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print(f"distribute_datasets_from_function, {N} replicas, 20 examples, global batch {DEMO_BATCH}:")
+print(distribute.replica_batches(strategy, 20, DEMO_BATCH, method="distribute_datasets_from_function").to_string(index=False))
+
+# %% [markdown]
+# On one machine both give every replica consecutive slices of the data. The last global
+# batch holds only what is left (4 examples here), so some replicas get **empty** batches
+# in that step: the reason the training pipeline uses `drop_remainder=True`, and the
+# reason a custom loop divides by the global batch size rather than by what each replica
+# happened to receive.
+#
+# The same with the real training pipeline: each replica gets a quarter (1/N) of every
+# global batch.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+def show_replicas(dist_ds: tf.distribute.DistributedDataset) -> None:
+    images, labels = next(iter(dist_ds))
+    for i, (im, lb) in enumerate(zip(strategy.experimental_local_results(images),
+                                     strategy.experimental_local_results(labels), strict=True)):
+        print(f"  replica {i} on {im.device.split('/')[-1]}: images {tuple(im.shape)} {im.dtype.name}, "
+              f"labels {tuple(lb.shape)}")
+
+
+print("experimental_distribute_dataset(train_ds):")
+show_replicas(strategy.experimental_distribute_dataset(train_ds))
+
+
+def train_dataset_fn(ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+    """One pipeline per worker: this worker's shard of the images, batched per replica."""
+    shard = np.arange(ctx.input_pipeline_id, len(cifar.x_train), ctx.num_input_pipelines)
+    per_replica = ctx.get_per_replica_batch_size(GLOBAL_BATCH)
+    return pipeline.make_dataset(cifar.x_train[shard], cifar.y_train[shard], per_replica,
+                                 training=True, seed=ctx.input_pipeline_id)
+
+
+print("distribute_datasets_from_function(train_dataset_fn):")
+show_replicas(strategy.distribute_datasets_from_function(train_dataset_fn))
+
+# %% [markdown]
+# ### Several workers: input pipelines and auto-sharding
+#
+# With several *worker machines* (`MultiWorkerMirroredStrategy`, later in the series) every
+# worker runs its own input pipeline, and the workers must not all read the same examples.
+# With `distribute_datasets_from_function` you shard yourself with the `InputContext`.
+# `distribute.input_pipelines` evaluates that contract for 2 workers with 2 replicas each
+# (16 examples, global batch 8), without starting any worker:
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print(distribute.input_pipelines(num_workers=2, replicas_per_worker=2, n_examples=16, global_batch_size=8)
+      .to_string(index=False))
+
+# %% [markdown]
+# With `experimental_distribute_dataset` the strategy shards for you, following
+# `tf.data.Options().experimental_distribute.auto_shard_policy`:
+#
+# - `FILE`: each worker reads whole files (file *i* goes to worker *i* mod W). Cheapest,
+#   but needs at least as many files as workers.
+# - `DATA`: every worker reads *all* the data and keeps every W-th element: always
+#   possible, but each worker does all the reading.
+# - `AUTO` (the default): `FILE` when the dataset reads files, otherwise `DATA`.
+# - `OFF`: no sharding; every worker sees every example, so each epoch trains on
+#   duplicates.
+#
+# `distribute.auto_shard_preview` applies the same graph rewrite the strategy applies, for 2
+# workers, to a dataset that reads 4 small TFRecord files of example ids (file 0 holds ids
+# 0–2, file 1 holds 3–5, …):
+
+# %%
+id_files = distribute.write_id_files(config.run_dir("03_pipeline", fresh=True), n_files=4, per_file=3)
+id_ds = distribute.id_file_dataset(id_files)
+
+# %%
+# NBVAL_CHECK_OUTPUT
+shards = pd.concat([distribute.auto_shard_preview(id_ds, policy, num_workers=2) for policy in distribute.SHARD_POLICIES])
+print(shards.to_string(index=False))
+
+# %% [markdown]
+# And with fewer files than workers (1 file, 2 workers), `FILE` sharding breaks: in the
+# table below one worker stops with an error and the other reads nothing at all. This is
+# the error to expect when a dataset has fewer files than the job has workers; switch to
+# `DATA` (or write more files).
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print(distribute.auto_shard_preview(distribute.id_file_dataset(id_files[:1]), "FILE", num_workers=2)
+      .to_string(index=False))
+
+# %% [markdown]
+# On this single machine `MirroredStrategy` has one input pipeline, so no auto-sharding
+# happens: the tables above are what changes once the job spans several workers.
+#
+# ## Summary
+#
+# - The tuned pipeline caches uint8 images, shuffles, batches by the **global** batch
+#   size, normalises and augments whole batches in vectorised ops, and prefetches with
+#   `AUTOTUNE`. With a fixed seed it is reproducible.
+# - Feeds are compared by images/s on the same training step; the in-memory ceiling tells
+#   you whether the input or the model limits the speed (the table above has this run's
+#   numbers).
+# - `experimental_distribute_dataset` splits global batches; `distribute_datasets_from_function`
+#   hands you an `InputContext` to build per-worker, per-replica-batched pipelines. On one
+#   machine, both deal consecutive slices to the replicas; a short last batch leaves some
+#   replicas empty.
+# - Across workers, auto-shard policies decide who reads what: `FILE` needs enough files,
+#   `DATA` always works but reads everything everywhere, `OFF` duplicates data.
+#
+# ## Exercises
+#
+# 1. Build a *per-image* version of the pipeline (`map` normalisation and a per-image
+#    crop and flip **before** `batch`) and compare its own cost with the tuned pipeline's:
+#    images/s with `throughput.time_feed_alone`, and CPU time per image.
+# 2. What do `FILE` and `DATA` sharding give with 3 files and 4 workers?
+# 3. With 250 examples, global batch 100, 4 replicas and no `drop_remainder`, how many
+#    examples does each replica get in the last step?
+
+# %% jupyter={"source_hidden": true}
+# Solution 1: time each feed alone (no model), in wall-clock images/s and in CPU time per
+# image (all threads of this process), which is less sensitive to other programs.
+def per_image(x, y):
+    x = tf.cast(x, tf.float32) / 255.0
+    x = tf.image.random_crop(tf.image.resize_with_crop_or_pad(x, 40, 40), [32, 32, 3])
+    return tf.image.random_flip_left_right(x), y
+
+
+n_small = min(len(cifar.x_train), 40 * GLOBAL_BATCH)
+per_image_ds = (tf.data.Dataset.from_tensor_slices((cifar.x_train[:n_small], cifar.y_train[:n_small]))
+                .cache().shuffle(n_small).map(per_image, num_parallel_calls=tf.data.AUTOTUNE)
+                .batch(GLOBAL_BATCH, drop_remainder=True).prefetch(tf.data.AUTOTUNE).repeat())
+tuned_ds = pipeline.make_dataset(cifar.x_train[:n_small], cifar.y_train[:n_small], GLOBAL_BATCH, training=True).repeat()
+n_timed = config.pick(smoke=10, full=100)
+for name, ds in [("per-image map", per_image_ds), ("tuned (batched map)", tuned_ds)]:
+    it = iter(ds)
+    throughput.time_feed_alone(it, 5)  # warm-up: cache and shuffle buffer
+    cpu0 = time.process_time()
+    seconds = throughput.time_feed_alone(it, n_timed)
+    cpu_us = (time.process_time() - cpu0) / (n_timed * GLOBAL_BATCH) * 1e6
+    print(f"{name:20s} {n_timed * GLOBAL_BATCH / seconds:8.0f} images/s alone, {cpu_us:5.1f} CPU-us per image")
+
+# %% jupyter={"source_hidden": true}
+# Solution 2
+three = distribute.id_file_dataset(id_files[:3])
+print(pd.concat([distribute.auto_shard_preview(three, p, num_workers=4) for p in ("FILE", "DATA")]).to_string(index=False))
+
+# %% jupyter={"source_hidden": true}
+# Solution 3: the last global batch holds 50 examples. TensorFlow fills replicas in
+# per-replica-sized chunks (100 / 4 = 25), so two replicas get 25 and two get none.
+table = distribute.replica_batches(strategy, 250, 100)
+print(table[table["step"] == table["step"].max()][["step", "replica", "batch size"]].to_string(index=False))
+
+# %% [markdown]
+# ## Further reading
+#
+# - TensorFlow guide, [Better performance with the tf.data API](https://www.tensorflow.org/guide/data_performance)
+#   and [Analyze tf.data performance with the TF Profiler](https://www.tensorflow.org/guide/data_performance_analysis).
+# - TensorFlow tutorial, [Distributed input](https://www.tensorflow.org/tutorials/distribute/input)
+#   (`experimental_distribute_dataset`, `distribute_datasets_from_function`, sharding).
+# - D. G. Murray et al., *tf.data: A Machine Learning Data Processing Framework*, VLDB 2021,
+#   [arXiv:2101.12127](https://arxiv.org/abs/2101.12127).
+# - A. Krizhevsky, *Learning Multiple Layers of Features from Tiny Images*, 2009 (the
+#   CIFAR-10 dataset), [cs.toronto.edu/~kriz/cifar.html](https://www.cs.toronto.edu/~kriz/cifar.html).
+# - K. He et al., *Deep Residual Learning for Image Recognition*, CVPR 2016 (the 4-pixel
+#   pad-and-crop plus flip augmentation for CIFAR-10).

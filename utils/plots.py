@@ -1,0 +1,303 @@
+"""Small, general plotting helpers shared by the notebooks (matplotlib only).
+
+Every function creates its own figure with :func:`matplotlib.pyplot.subplots` and returns
+it. In a notebook, assign the result (``fig = plots.image_grid(...)``) and the inline
+backend shows it once; in scripts and tests, save or close it.
+
+* :func:`image_grid`: images with their class names (and predictions, wrong ones in red).
+* :func:`training_curves`: train vs validation loss/accuracy from a Keras history.
+* :func:`bar_chart`: labelled horizontal bars, e.g. images/s per feed.
+* :func:`confusion_matrix_plot`: a confusion matrix with class names.
+* :func:`reliability_diagram`: confidence vs accuracy per confidence bin.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+CORRECT_COLOR = "black"
+WRONG_COLOR = "tab:red"
+
+
+def _as_display_images(images: np.ndarray) -> np.ndarray:
+    arr = np.asarray(images)
+    if arr.ndim == 3:  # (N, H, W) grayscale
+        arr = arr[..., None]
+    if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
+        raise ValueError(
+            f"images must have shape (N, H, W, 3) or (N, H, W, 1), got {arr.shape}. "
+            "Pass channels-last images, e.g. data.x_train[:16]."
+        )
+    if arr.dtype == np.uint8:
+        return arr
+    arr = arr.astype(np.float32)
+    lo, hi = float(np.min(arr)) if arr.size else 0.0, float(np.max(arr)) if arr.size else 1.0
+    if lo < -1e-3 or hi > 1.0 + 1e-3:
+        raise ValueError(
+            f"float images must lie in [0, 1] (got values in [{lo:.3g}, {hi:.3g}]). "
+            "Pass uint8 images, or divide by 255 first."
+        )
+    return np.clip(arr, 0.0, 1.0)
+
+
+def _class_name(class_names: Sequence[str], label: int) -> str:
+    if not 0 <= label < len(class_names):
+        raise ValueError(f"label {label} is outside 0..{len(class_names) - 1} (there are {len(class_names)} class names)")
+    return class_names[label]
+
+
+def image_grid(
+    images: np.ndarray,
+    labels: Sequence[int] | np.ndarray,
+    class_names: Sequence[str],
+    *,
+    predictions: Sequence[int] | np.ndarray | None = None,
+    ncols: int = 8,
+    title: str | None = None,
+    cell_size: float = 1.4,
+) -> Figure:
+    """A grid of images, each titled with its class name.
+
+    Args:
+        images: ``(N, H, W, 3)`` uint8, or floats in [0, 1].
+        labels: ``N`` integer labels.
+        class_names: name of each class index.
+        predictions: optional ``N`` predicted labels; titles become ``true / predicted``
+            and wrong predictions are drawn in red.
+        ncols: images per row.
+        title: figure title.
+        cell_size: inches per image.
+
+    Raises:
+        ValueError: for mismatched lengths, bad shapes or value ranges, or labels outside
+            the class names.
+    """
+    imgs = _as_display_images(images)
+    labels = np.asarray(labels).astype(int).reshape(-1)
+    n = len(imgs)
+    if n == 0:
+        raise ValueError("image_grid needs at least one image.")
+    if len(labels) != n:
+        raise ValueError(f"{n} images but {len(labels)} labels")
+    if predictions is not None:
+        predictions = np.asarray(predictions).astype(int).reshape(-1)
+        if len(predictions) != n:
+            raise ValueError(f"{n} images but {len(predictions)} predictions")
+    if ncols < 1:
+        raise ValueError(f"ncols must be >= 1, got {ncols}")
+    ncols = min(ncols, n)
+    nrows = math.ceil(n / ncols)
+    extra = 0.3 if predictions is not None else 0.15
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(ncols * cell_size, nrows * (cell_size + extra) + (0.4 if title else 0)),
+        squeeze=False,
+    )
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= n:
+            continue
+        img = imgs[i]
+        ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None)
+        true_name = _class_name(class_names, int(labels[i]))
+        if predictions is None:
+            ax.set_title(true_name, fontsize=8)
+        else:
+            pred_name = _class_name(class_names, int(predictions[i]))
+            wrong = int(predictions[i]) != int(labels[i])
+            ax.set_title(
+                f"{true_name}\n/ {pred_name}", fontsize=7, color=WRONG_COLOR if wrong else CORRECT_COLOR
+            )
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _history_frame(history: pd.DataFrame | Mapping[str, Sequence[float]] | object) -> pd.DataFrame:
+    if hasattr(history, "history") and isinstance(history.history, Mapping):  # keras History
+        history = history.history
+    if isinstance(history, Mapping):
+        history = pd.DataFrame(dict(history))
+    if not isinstance(history, pd.DataFrame):
+        raise TypeError(
+            "history must be a pandas DataFrame, a dict of lists, or a keras History "
+            f"(what model.fit returns), got {type(history).__name__}"
+        )
+    return history
+
+
+def training_curves(
+    history: pd.DataFrame | Mapping[str, Sequence[float]] | object,
+    metrics: Sequence[str] = ("loss", "accuracy"),
+    *,
+    title: str | None = None,
+    epoch_column: str = "epoch",
+) -> Figure:
+    """Train vs validation curves, one panel per metric.
+
+    Args:
+        history: a ``keras.callbacks.History``, its ``.history`` dict, or a DataFrame
+            with columns such as ``loss``, ``val_loss``, ``accuracy``, ``val_accuracy``.
+            The x axis is column ``epoch_column`` if present, else epochs 1, 2, ...
+        metrics: base metric names; ``val_<name>`` is drawn too when present.
+
+    Raises:
+        ValueError: when a requested metric is missing (the message lists the columns).
+    """
+    df = _history_frame(history)
+    if df.empty:
+        raise ValueError("history is empty: nothing to plot (did training run any epoch?)")
+    missing = [m for m in metrics if m not in df.columns]
+    if missing:
+        raise ValueError(f"metric(s) {missing} not in history; available: {list(df.columns)}")
+    x = df[epoch_column].to_numpy() if epoch_column in df.columns else np.arange(1, len(df) + 1)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.8 * len(metrics), 3.4), squeeze=False)
+    for ax, metric in zip(axes.flat, metrics, strict=True):
+        ax.plot(x, df[metric], marker="o", label=f"train {metric}")
+        if f"val_{metric}" in df.columns:
+            ax.plot(x, df[f"val_{metric}"], marker="s", label=f"validation {metric}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def bar_chart(
+    values: Mapping[str, float] | pd.Series,
+    *,
+    xlabel: str = "",
+    title: str | None = None,
+    reference: float | None = None,
+    reference_label: str = "reference",
+    fmt: str = "{:,.0f}",
+) -> Figure:
+    """Horizontal bars with their values written at the end (e.g. images/s per feed).
+
+    ``reference`` draws a dashed vertical line (e.g. the compute ceiling).
+    """
+    series = pd.Series(values, dtype=float)
+    if series.empty:
+        raise ValueError("bar_chart needs at least one value.")
+    if not np.all(np.isfinite(series.to_numpy())):
+        raise ValueError(f"bar_chart values must be finite, got {series.to_dict()}")
+    fig, ax = plt.subplots(figsize=(7, 0.6 * len(series) + 1.2))
+    labels = [str(i) for i in series.index]
+    ax.barh(labels, series.to_numpy(), color="tab:blue")
+    ax.invert_yaxis()
+    for i, v in enumerate(series.to_numpy()):
+        ax.text(v, i, " " + fmt.format(v), va="center")
+    if reference is not None:
+        ax.axvline(reference, color="tab:gray", linestyle="--", label=reference_label)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), frameon=False)
+    ax.set_xlabel(xlabel)
+    ax.set_xlim(0, max(series.max(), reference or 0) * 1.2)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_matrix_plot(
+    matrix: np.ndarray,
+    class_names: Sequence[str],
+    *,
+    normalize: bool = True,
+    title: str | None = None,
+) -> Figure:
+    """A confusion matrix (rows: true class, columns: predicted class) with its values.
+
+    With ``normalize=True`` each row is divided by its total (recall on the diagonal).
+
+    Raises:
+        ValueError: for a non-square matrix or one whose size differs from the names.
+    """
+    cm = np.asarray(matrix, dtype=float)
+    k = len(class_names)
+    if cm.ndim != 2 or cm.shape != (k, k):
+        raise ValueError(f"matrix must be {k}x{k} to match {k} class names, got shape {cm.shape}")
+    if normalize:
+        totals = cm.sum(axis=1, keepdims=True)
+        cm = np.divide(cm, totals, out=np.zeros_like(cm), where=totals > 0)
+    fig, ax = plt.subplots(figsize=(0.55 * k + 2.5, 0.55 * k + 2))
+    im = ax.imshow(cm, cmap="Blues", vmin=0, vmax=1 if normalize else None)
+    ax.set_xticks(range(k), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(k), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    threshold = cm.max() / 2 if cm.size else 0
+    for i in range(k):
+        for j in range(k):
+            text = f"{cm[i, j]:.2f}" if normalize else f"{int(cm[i, j])}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=7,
+                    color="white" if cm[i, j] > threshold else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def reliability_diagram(
+    confidences: np.ndarray,
+    correct: np.ndarray,
+    *,
+    n_bins: int = 10,
+    title: str | None = None,
+) -> tuple[Figure, pd.DataFrame]:
+    """Accuracy versus confidence in equal-width bins, and the table behind it.
+
+    Args:
+        confidences: the top predicted probability per example, in [0, 1].
+        correct: whether each prediction was right.
+
+    Returns:
+        The figure and a DataFrame (bin range, count, mean confidence, accuracy) whose
+        attribute ``attrs["ece"]`` holds the expected calibration error.
+    """
+    conf = np.asarray(confidences, dtype=float).reshape(-1)
+    ok = np.asarray(correct).astype(bool).reshape(-1)
+    if len(conf) != len(ok) or len(conf) == 0:
+        raise ValueError(f"need the same non-zero number of confidences and flags, got {len(conf)} and {len(ok)}")
+    if np.any((conf < 0) | (conf > 1)):
+        raise ValueError("confidences must lie in [0, 1] (pass probabilities, not logits)")
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    edges = np.linspace(0, 1, n_bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
+    rows = []
+    for b in range(n_bins):
+        mask = which == b
+        rows.append(
+            {
+                "bin": f"{edges[b]:.1f}-{edges[b + 1]:.1f}",
+                "count": int(mask.sum()),
+                "mean confidence": float(conf[mask].mean()) if mask.any() else np.nan,
+                "accuracy": float(ok[mask].mean()) if mask.any() else np.nan,
+            }
+        )
+    table = pd.DataFrame(rows)
+    weights = table["count"] / len(conf)
+    gaps = (table["accuracy"] - table["mean confidence"]).abs().fillna(0)
+    table.attrs["ece"] = float((weights * gaps).sum())
+    fig, ax = plt.subplots(figsize=(4.5, 4.2))
+    centers = (edges[:-1] + edges[1:]) / 2
+    ax.bar(centers, table["accuracy"].fillna(0), width=1 / n_bins, edgecolor="black", alpha=0.7, label="accuracy")
+    ax.plot([0, 1], [0, 1], "--", color="tab:gray", label="perfect calibration")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left")
+    ax.set_title(title or f"Reliability (ECE = {table.attrs['ece']:.3f})")
+    fig.tight_layout()
+    return fig, table
