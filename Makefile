@@ -11,7 +11,7 @@ LAB_ARGS := --ServerApp.ip=127.0.0.1 --ServerApp.root_dir=notebooks
 NBVAL_ARGS := --nbval-lax
 EXEC_ARGS := --to notebook --execute --inplace --ExecutePreprocessor.timeout=1800
 
-.PHONY: venv lab test unit nbval notebooks notebook lint bench browser-check clean-runs help timings docs-tables
+.PHONY: venv lab test unit nbval notebooks notebook lint bench browser-check clean-runs help timings docs-tables bench-pipeline
 
 help:
 	@echo "make lab        - create .venv if missing, install, start JupyterLab on notebooks/"
@@ -72,3 +72,6 @@ bench: $(STAMP)
 
 docs-tables: $(STAMP)
 	$(BIN)/python scripts/update_docs.py
+
+bench-pipeline: $(STAMP)
+	$(BIN)/python scripts/bench_pipeline.py

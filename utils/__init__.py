@@ -15,4 +15,23 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-__all__ = ["config", "devices", "data", "models", "plots"]
+__all__ = [
+    "bench",
+    "cluster",
+    "compression",
+    "config",
+    "data",
+    "devices",
+    "distribute",
+    "evaluation",
+    "hybrid",
+    "memory",
+    "models",
+    "parallel",
+    "pipeline",
+    "plots",
+    "series",
+    "tensor_parallel",
+    "throughput",
+    "training",
+]

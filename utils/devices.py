@@ -67,13 +67,16 @@ def setup_devices(num_cpus: int | str | None = None) -> pd.DataFrame:
     * Without: split the CPU into ``num_cpus`` logical devices (argument, else
       ``$SERIES_NUM_CPUS``, else 4).
 
-    Calling it again with the same request is safe and returns the same table.
+    Calling it again with the same request is safe and returns the same table. It also
+    sets TensorFlow's Python logger to WARNING, so INFO lines such as "Using
+    MirroredStrategy with devices ..." do not clutter notebook outputs.
 
     Raises:
         ValueError: for a bad count (``"abc"``, ``0``).
         RuntimeError: if TensorFlow already initialised its devices with another
             configuration; the message says to restart the kernel.
     """
+    tf.get_logger().setLevel("WARNING")
     physical_gpus = gpus()
     if physical_gpus:
         for gpu in physical_gpus:
