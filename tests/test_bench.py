@@ -74,3 +74,12 @@ def test_bench_command_runs_at_smoke_size(tmp_path):
     assert all(float(r["ratio"]) > 0 for r in rows if r["ratio"])
     assert (out / "bench.png").stat().st_size > 1000 and (out / "machine.json").exists()
     assert "machine:" in proc.stdout
+
+
+def test_fresh_process_measurement_and_its_errors():
+    spec = {"kind": "fit", "name": "t", "recipe": "series", "batch": 64, "cpus": 2, "replicas": 2,
+            "tuned_threads": True, "n_train": 512, "n_test": 64, "steps": 2, "warmup": 1}  # fmt: skip
+    out = bench.run_in_fresh_process(spec, timeout=300)
+    assert out["images_per_s"] > 0 and out["synthetic"] in (True, False)
+    with pytest.raises(RuntimeError, match="unknown kind"):
+        bench.run_in_fresh_process({**spec, "kind": "nonsense"}, timeout=300)

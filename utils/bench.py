@@ -6,9 +6,12 @@ in one run on one machine, and records which machine that was.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,3 +166,144 @@ def fit_throughput(
         n = min(len(x), total * batch_size)
         model.fit(x[:n], y[:n], batch_size=batch_size, epochs=1, verbose=0, callbacks=[cb], shuffle=True)
     return cb.images_per_s
+
+
+def run_measurement(spec: dict) -> dict:
+    """Run one measurement described by ``spec`` in *this* process; return its result.
+
+    Call it in a fresh process (see :func:`run_in_fresh_process`): it fixes thread pools and
+    logical devices, which TensorFlow allows only before its first op.
+    """
+    from utils import config, data, devices, models, pipeline
+
+    if spec.get("tuned_threads"):
+        devices.set_threads(*devices.replica_threads(spec["replicas"]))
+    devices.setup_devices(spec.get("cpus", 1))
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    config.seed_everything(0)
+    ds = data.load_cifar10(allow_synthetic=True, n_train=spec["n_train"], n_test=spec.get("n_test"))
+    keras.mixed_precision.set_global_policy(spec.get("policy", "float32"))
+    kind = spec["kind"]
+
+    if kind == "feeds":
+        from utils import throughput
+
+        results = throughput.measure_feeds(
+            ds.x_train, ds.y_train, batch_size=spec["batch"], n_batches=spec["steps"], rounds=3
+        )
+        return {**throughput.pipeline_ratios(results), "synthetic": ds.is_synthetic}
+
+    if kind == "pp":  # pipeline runner: p stages on p devices vs the same runner with 1 stage
+        from utils import parallel
+
+        model = models.build_seed_cnn()
+        x = tf.constant(ds.x_train[: spec["batch"]].astype("float32") / 255.0)
+        y = tf.constant(ds.y_train[: spec["batch"]])
+        split = parallel.Pipeline.from_sequential(model, spec["stages"])
+        whole = parallel.Pipeline.from_sequential(model, 1)
+        opt_a, opt_b = keras.optimizers.SGD(0.01), keras.optimizers.SGD(0.01)
+        ms = parallel.time_interleaved(
+            {
+                "split": lambda: split.train_step(opt_a, x, y, num_micro_batches=spec["micro"]),
+                "whole": lambda: whole.train_step(opt_b, x, y, num_micro_batches=1),
+            },
+            repeats=spec["steps"],
+            stat="min",
+        )
+        return {"images_per_s": spec["batch"] / ms["split"] * 1e3,
+                "baseline_images_per_s": spec["batch"] / ms["whole"] * 1e3, "synthetic": ds.is_synthetic}  # fmt: skip
+
+    if kind == "tp":  # Megatron MLP head: sharded over N devices vs the same module on 1 device
+        from utils import parallel
+        from utils import tensor_parallel as tp
+
+        feats = np.random.default_rng(0).normal(size=(spec["batch"], 2048)).astype("float32")
+        labels = ds.y_train[: spec["batch"]].astype("int32")
+        steps = {}
+        for label, n in (("sharded", spec["replicas"]), ("one", 1)):
+            mesh = tp.model_mesh(n)
+            mlp = tp.ShardedMLP.create(2048, 1024, 10, mesh, seed=0)
+            xd = tp.shard(feats, tp.replicated(mesh, 2))
+            yd = tp.shard(labels, tp.replicated(mesh, 1))
+            step = tp.make_sgd_step(mlp, 0.05)
+            steps[label] = (lambda step=step, xd=xd, yd=yd: step(xd, yd).numpy())
+        ms = parallel.time_interleaved(steps, repeats=spec["steps"], stat="min")
+        return {"images_per_s": spec["batch"] / ms["sharded"] * 1e3,
+                "baseline_images_per_s": spec["batch"] / ms["one"] * 1e3, "synthetic": ds.is_synthetic}  # fmt: skip
+
+    names = devices.compute_devices()
+    strategy = (
+        tf.distribute.MirroredStrategy(names[: spec["replicas"]])
+        if spec.get("replicas")
+        else tf.distribute.get_strategy()
+    )
+
+    def build() -> keras.Model:
+        with strategy.scope():
+            model = models.build_seed_cnn()
+            model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        return model
+
+    seed_recipe = spec["recipe"] == "seed"
+    if seed_recipe:  # the article: float64 NumPy arrays, batch 32
+        x, y = ds.x_train / 255.0, ds.y_train
+        x_test = ds.x_test / 255.0
+    else:
+        x = pipeline.make_dataset(ds.x_train, ds.y_train, spec["batch"], training=True)
+        y = None
+        x_test = ds.x_test.astype("float32") / 255.0
+
+    if kind == "fit":
+        model = build()
+        ips = fit_throughput(model, x, y, batch_size=spec["batch"], steps=spec["steps"], warmup=spec["warmup"])
+        return {"images_per_s": ips, "synthetic": ds.is_synthetic}
+
+    if kind == "tta":  # time to target test accuracy, training time only
+        model = build()
+        elapsed, acc, epoch = 0.0, 0.0, 0
+        for epoch in range(1, spec["max_epochs"] + 1):
+            start = time.perf_counter()
+            if seed_recipe:
+                model.fit(x, y, batch_size=spec["batch"], epochs=1, verbose=0)
+            else:
+                model.fit(x, epochs=1, verbose=0)
+            elapsed += time.perf_counter() - start
+            acc = float(model.evaluate(x_test, ds.y_test, batch_size=500, verbose=0)[1])
+            print(f"  [{spec['name']}] epoch {epoch}: test accuracy {acc:.3f} after {elapsed:.0f} s", flush=True)
+            if acc >= spec["target"]:
+                break
+        return {"seconds": elapsed, "accuracy": acc, "epochs": epoch, "reached": acc >= spec["target"],
+                "synthetic": ds.is_synthetic}  # fmt: skip
+    raise ValueError(f"unknown kind {kind!r}")
+
+
+def run_in_fresh_process(spec: dict, timeout: float = 900) -> dict:
+    """Run :func:`run_measurement` in a new Python process and return its result.
+
+    ``spec`` keys: ``kind`` ("fit", "tta", "feeds", "pp", "tp"), ``name``, ``n_train``,
+    ``n_test``, ``batch``, ``steps``, ``warmup``, ``cpus`` (logical CPUs to create),
+    ``replicas`` (MirroredStrategy over that many devices; absent: no strategy),
+    ``tuned_threads`` (thread pools from :func:`utils.devices.replica_threads`), ``policy``
+    (Keras dtype policy), ``recipe`` ("seed" or "series"), and kind-specific keys.
+
+    Raises:
+        RuntimeError: with the child's last stderr lines, if it fails.
+    """
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "utils.bench", json.dumps(spec)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    for line in proc.stdout.splitlines():
+        if line.startswith("  ["):
+            print(line, flush=True)
+    results = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not results:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        raise RuntimeError(f"benchmark {spec['name']!r} failed (exit {proc.returncode}):\n{tail}")
+    return json.loads(results[-1][len("RESULT ") :])
+
+
+if __name__ == "__main__":  # python -m utils.bench '<spec as JSON>'
+    print("RESULT " + json.dumps(run_measurement(json.loads(sys.argv[1]))), flush=True)
