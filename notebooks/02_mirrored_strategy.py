@@ -63,7 +63,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from utils import config, data, distribute, models, pipeline
+from utils import bench, config, data, distribute, models, pipeline
 
 tf.get_logger().setLevel("WARNING")  # Jupyter would show TensorFlow's INFO lines (e.g. each strategy's devices)
 pd.set_option("display.width", 160)
@@ -375,6 +375,46 @@ print(timing.to_string(index=False))
 # convolutions can run side by side, where one large one relies on multi-threading
 # inside each op), from the extra all-reduce, and from noise: these are short timings on
 # a machine shared with other programs.
+#
+# ### Why replicas on logical CPUs are slow, and what helps
+#
+# By default TensorFlow gives every op a pool of threads as large as the machine
+# (*intra-op* parallelism) and runs several ops at once (*inter-op* parallelism). With N
+# replicas on C cores, each replica's convolution asks for C threads while the other
+# replicas' convolutions ask for theirs: about N × C busy threads on C cores, which then
+# wait for each other at every op and at every all-reduce. The fix is to size the pools for
+# the replicas: `utils.devices.replica_threads(N)` gives each op `C // N` threads (at least
+# 1) and lets up to N ops run at once, so the total stays near the core count.
+#
+# Thread pools are fixed once TensorFlow starts, so each configuration below runs in a
+# fresh Python process (`utils.bench.run_in_fresh_process`, the same code as `make bench`),
+# training the seed CNN with `model.fit` at a global batch of 128:
+
+# %%
+threads = devices.replica_threads(2)
+print(f"replica_threads(2) on {devices.usable_cores()} cores -> intra-op {threads[0]}, inter-op {threads[1]}")
+spec = {"kind": "fit", "recipe": "series", "batch": 128, "n_train": S.n_train, "n_test": 100,
+        "steps": config.pick(smoke=3, full=40), "warmup": config.pick(smoke=2, full=5)}
+configs = {
+    "one device, default threads": {"cpus": 1},
+    "2 replicas, default threads": {"cpus": 2, "replicas": 2},
+    "2 replicas, replica_threads": {"cpus": 2, "replicas": 2, "tuned_threads": True},
+}
+rows = []
+for name, extra in configs.items():
+    result = bench.run_in_fresh_process({**spec, **extra, "name": name})
+    rows.append({"configuration": name, "images/s": round(result["images_per_s"])})
+overhead = pd.DataFrame(rows)
+overhead["vs one device"] = (overhead["images/s"] / overhead["images/s"].iloc[0]).round(2)
+print(overhead.to_string(index=False))
+
+# %% [markdown]
+# Read the "vs one device" column: with default threads the two replicas lose throughput to
+# oversubscription; with pools sized by `replica_threads` they get back to about the speed
+# of one device (the best logical CPUs can do: the cores are the same). `make bench` runs
+# the same comparison for 2 and 4 replicas and larger per-replica batches, and records the
+# machine. To use it in your own notebook, call
+# `devices.set_threads(*devices.replica_threads(N))` before `setup_devices()`.
 #
 # On real GPUs each replica has its own arithmetic units and memory, so N GPUs process
 # close to N times the images per second, as long as the all-reduce (over NVLink or PCIe)
