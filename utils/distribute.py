@@ -114,7 +114,9 @@ def _mirrored_with_own_keys(names: list[str]) -> tf.distribute.MirroredStrategy:
     that group has size 4". TensorFlow's own tests avoid this by shifting the (private)
     class attribute ``_collective_key_base``; we do the same, one key range per device set.
     """
-    base = _KEY_BASES.setdefault(tuple(names), _KEY_SPACING * len(_KEY_BASES))
+    # Start at one spacing, never 0: plain MirroredStrategy and DTensor in the same process
+    # use the default range from key 1.
+    base = _KEY_BASES.setdefault(tuple(names), _KEY_SPACING * (len(_KEY_BASES) + 1))
     cls = tf.distribute.MirroredStrategy
     if not hasattr(cls, "_collective_key_base"):  # pragma: no cover - depends on the TF version
         return cls(names)
