@@ -65,7 +65,8 @@ device_table
 # Each notebook builds on the ones before it. The table below is computed from the
 # committed notebooks themselves: the *full* column is the wall time of the full run whose
 # outputs you are reading (recorded by Jupyter in each cell's execution metadata), the
-# *smoke* column comes from the last `make timings` run. Both were taken on a 2-core CPU.
+# *smoke* column comes from the last `make timings` run. Both were taken on a 2-core CPU,
+# some of them while other jobs shared its cores: read them as upper bounds.
 
 # %%
 series.runtime_table()
