@@ -100,7 +100,39 @@ def jupyter_root(tmp: Path) -> str:
     return out.stdout + out.stderr
 
 
+def keras3_multiworker_fit(tmp: Path) -> str:
+    from utils import cluster
+
+    args = ["--out-dir", str(tmp / "out"), "--mode", "fit-keras3", "--epochs", "1", "--global-batch", "32",
+            "--n-train", "128", "--n-test", "32", "--data", "synthetic", "--width", "0.25"]  # fmt: skip
+    with pytest.raises(cluster.WorkerFailed) as err:
+        cluster.run_cluster(2, args, module="utils.worker_train", workdir=tmp / "logs", timeout=300,
+                            failure_grace=30, quiet=True)  # fmt: skip
+    return err.value.result.log(0)
+
+
+def busy_port(tmp: Path) -> str:
+    import socket
+
+    from utils import cluster
+
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        s.listen()
+        busy = s.getsockname()[1]
+        launcher = cluster.LocalCluster(
+            2, ["--help"], module="utils.worker_train", ports=[busy, cluster.free_ports(1)[0]],
+            isolate=False, allow_exposed=True, quiet=True, workdir=tmp,
+        )  # fmt: skip
+        with pytest.raises(cluster.PortBusyError) as err, pytest.warns(cluster.ExposedClusterWarning):
+            launcher.start()
+        launcher.close()
+    return str(err.value)
+
+
 TRIGGERS: dict[str, Callable[..., str]] = {
+    "keras3-multiworker-fit": keras3_multiworker_fit,
+    "busy-port": busy_port,
     "devices-after-init": devices_after_init,
     "bad-num-cpus": bad_num_cpus,
     "oom": oom,
