@@ -409,10 +409,12 @@ overhead["vs one device"] = (overhead["images/s"] / overhead["images/s"].iloc[0]
 print(overhead.to_string(index=False))
 
 # %% [markdown]
-# Read the "vs one device" column: with default threads the two replicas lose throughput to
-# oversubscription; with pools sized by `replica_threads` they get back to about the speed
-# of one device (the best logical CPUs can do: the cores are the same). `make bench` runs
-# the same comparison for 2 and 4 replicas and larger per-replica batches, and records the
+# Compare the last two rows: the same two replicas, only the thread pools differ. Sizing the
+# pools for the replicas removes the oversubscription. It cannot make two logical CPUs
+# faster than the two physical cores they share, so on a quiet machine the best you can
+# expect is about the speed of one device; the first row is measured separately, and other
+# programs running at the same time move it up or down. `make bench` runs the same
+# comparison for 2 and 4 replicas and larger per-replica batches, and records the
 # machine. To use it in your own notebook, call
 # `devices.set_threads(*devices.replica_threads(N))` before `setup_devices()`.
 #
