@@ -569,6 +569,31 @@ def _check_data(data: Any) -> None:
         raise ValueError("data has an empty train or test split")
 
 
+def _recipe_result(
+    name: str,
+    model: keras.Model,
+    history: keras.callbacks.History,
+    wall: float,
+    cpu: float,
+    data: Any,
+    timer: ThroughputCallback,
+    settings: dict,
+) -> RecipeResult:
+    """Score a trained recipe on the test split the same way for every recipe."""
+    test_loss, test_acc = test_metrics(model, data.x_test, data.y_test)
+    return RecipeResult(
+        name=name,
+        model=model,
+        history=history_frame(history),
+        wall_s=wall,
+        cpu_s=cpu,
+        test_loss=float(test_loss),
+        test_accuracy=float(test_acc),
+        images_per_s=timer.mean_images_per_s(),
+        settings=settings,
+    )
+
+
 def seed_recipe(
     data: Any,
     *,
@@ -601,18 +626,10 @@ def seed_recipe(
     )
     wall = time.perf_counter() - start
     cpu = time.process_time() - cpu_start
-    test_loss, test_acc = test_metrics(model, data.x_test, data.y_test)
-    return RecipeResult(
-        name="seed recipe",
-        model=model,
-        history=history_frame(history),
-        wall_s=wall,
-        cpu_s=cpu,
-        test_loss=float(test_loss),
-        test_accuracy=float(test_acc),
-        images_per_s=timer.mean_images_per_s(),
-        settings={"input": "NumPy float64", "batch": batch_size, "precision": "float32",
-                  "replicas": 1, "validation": "test split"},
+    return _recipe_result(
+        "seed recipe", model, history, wall, cpu, data, timer,
+        {"input": "NumPy float64", "batch": batch_size, "precision": "float32",
+         "replicas": 1, "validation": "test split"},
     )
 
 
@@ -704,19 +721,10 @@ def series_recipe(
     history = model.fit(train_ds, epochs=epochs, validation_data=val_ds, callbacks=cbs, verbose=verbose)
     wall = time.perf_counter() - start
     cpu = time.process_time() - cpu_start
-    test_loss, test_acc = test_metrics(model, data.x_test, data.y_test)
-    timer = find_callback(cbs, ThroughputCallback)
-    return RecipeResult(
-        name="series recipe",
-        model=model,
-        history=history_frame(history),
-        wall_s=wall,
-        cpu_s=cpu,
-        test_loss=float(test_loss),
-        test_accuracy=float(test_acc),
-        images_per_s=timer.mean_images_per_s(),
-        settings={"input": "tf.data pipeline", "batch": batch_size, "precision": policy,
-                  "replicas": replicas, "validation": f"{n_val:,} held-out train images"},
+    return _recipe_result(
+        "series recipe", model, history, wall, cpu, data, find_callback(cbs, ThroughputCallback),
+        {"input": "tf.data pipeline", "batch": batch_size, "precision": policy,
+         "replicas": replicas, "validation": f"{n_val:,} held-out train images"},
     )
 
 
