@@ -25,7 +25,7 @@
 #
 # - How to build a `tf.data` pipeline for CIFAR-10: cache, shuffle, batch by the global
 #   batch size, normalise, augment (pad-and-crop, flip) and prefetch with `AUTOTUNE`, and
-#   why batching *before* the per-image work matters on a CPU.
+#   why working on whole batches, never single images, matters on a CPU.
 # - How to measure a feed in images/s and compare it with naive NumPy feeding and with
 #   in-memory tensors (the compute ceiling).
 # - What `experimental_distribute_dataset` and `distribute_datasets_from_function` hand to
@@ -51,7 +51,6 @@ from utils import devices
 print(devices.setup_devices().to_string(index=False))
 
 # %%
-import time
 
 import keras
 import numpy as np
@@ -93,23 +92,32 @@ fig = plots.image_grid(
 # %% [markdown]
 # ## The tuned pipeline
 #
-# `pipeline.make_dataset` builds, in this order:
+# The textbook pipeline handles one example at a time until it batches:
+# `from_tensor_slices -> cache -> shuffle -> batch -> map(augment, normalise) -> prefetch`
+# (`pipeline.make_classic_dataset`). Every image then passes through `cache`, `shuffle`
+# and `batch` on its own, a few microseconds of bookkeeping each. On a GPU machine spare
+# CPU cores absorb that; on a 2-core CPU every microsecond the input spends is taken from
+# the training step. So `pipeline.make_dataset` never touches single examples:
 #
-# 1. `from_tensor_slices` over the **uint8** arrays, then `cache()`: after the first pass
-#    the examples come from memory, at a quarter of the size of float32;
-# 2. `shuffle(len(x))`: a perfect shuffle, fresh every epoch;
-# 3. `batch(global_batch, drop_remainder=True)` for training: the strategy splits every
-#    batch evenly over the replicas;
-# 4. one `map` over **whole batches**: normalise to [0, 1] and augment: pad 4 pixels
-#    (reflect), crop back to 32×32 at a random offset, and flip half the images
-#    left-right. Done per batch, this is a handful of large vectorised ops instead of
-#    many small per-image ops (whether that saves CPU time depends on the ops: exercise 1
-#    measures it for this pipeline);
+# 1. **cache**: the **uint8** images are held once as a tensor in host memory, at a
+#    quarter of the size of float32. (`cache()` gives a pipeline that reads *files* the
+#    same thing after its first epoch; these images are in memory already.)
+# 2. **shuffle**: one random permutation of the image ids per epoch, keyed by
+#    `tf.data.Dataset.random(seed, rerandomize_each_iteration=True)`: a perfect shuffle,
+#    fresh every epoch, and the same sequence of epochs on every run with the same seed;
+# 3. **batch**: the permutation reshaped into batches of ids of the **global** batch size
+#    (training drops the remainder, so the strategy splits every batch evenly);
+# 4. one `map` per batch: a **single `tf.gather`** picks the batch's images *and* augments
+#    them: pad 4 pixels (reflect), crop back to 32×32 at a random offset, flip half the
+#    images left-right. The offset, the reflection at the border and the flip are folded
+#    into the index of every output pixel (`pipeline.augmented_pixel_index`), so nothing
+#    is padded or flipped in memory. Then normalise to [0, 1];
 # 5. `prefetch(AUTOTUNE)`: prepare the next batches on background threads while the
-#    current step runs. `AUTOTUNE` lets `tf.data` choose the parallelism and buffer sizes.
+#    current step runs; `AUTOTUNE` lets `tf.data` choose the map's parallelism and the
+#    buffer size.
 #
-# Augmentation uses stateless random ops with a seed derived from the batch number, so a
-# pipeline with a fixed seed yields the same batches on every run. The test pipeline
+# Augmentation uses stateless random ops seeded by the epoch's key and the batch number,
+# so a pipeline with a fixed seed yields the same batches on every run. The test pipeline
 # neither shuffles nor augments.
 
 # %%
@@ -146,6 +154,29 @@ fig = plots.image_grid(
 )
 
 # %% [markdown]
+# ## What each design costs
+#
+# `throughput.feed_cost` pulls batches with no model at all and reports images/s and the
+# CPU time per image summed over all threads: the time the input takes away from a
+# training step that needs every core. Both pipelines below yield the same kind of
+# batches (a perfect shuffle, the same augmentation); only the work per image differs.
+
+# %%
+n_cost = config.pick(smoke=10, full=200)
+designs = [
+    ("textbook: cache, shuffle, batch per example", pipeline.make_classic_dataset(cifar.x_train, cifar.y_train, GLOBAL_BATCH)),
+    ("tuned: whole batches only", pipeline.make_dataset(cifar.x_train, cifar.y_train, GLOBAL_BATCH, training=True)),
+]
+costs = pd.DataFrame({
+    name: throughput.feed_cost(iter(ds.repeat()), n_cost, GLOBAL_BATCH, warmup_batches=config.pick(smoke=3, full=20))
+    for name, ds in designs
+}).T
+print(costs.round(1).to_string())
+
+# %% [markdown]
+# The textbook pipeline's warm-up also fills its cache and its shuffle buffer (its first
+# epoch costs more still); the numbers above are its steady state.
+#
 # ## Three feeds, measured
 #
 # `throughput.measure_feeds` drives the **same** compiled training step of the seed CNN,
@@ -157,17 +188,20 @@ fig = plots.image_grid(
 # - **in-memory tensors**: batches normalised before timing starts; the step does no input
 #   work at all. This is the compute ceiling.
 #
-# Each feed first gets a few untimed warm-up steps (tracing, filling the cache and the
-# shuffle buffer). The feeds are then timed in interleaved rounds, and each ratio between
-# two feeds is taken within a round (where both saw about the same load from other
-# programs), then the median over rounds is kept. Even so, on a shared 2-core machine the
-# numbers move from run to run: the input pipeline's threads and the model's ops compete
-# for the same two cores, and so does everything else running.
+# Each feed first gets a few untimed warm-up steps (tracing, first buffers). The feeds are
+# then timed in many short interleaved rounds. The order rotates every round, so no feed
+# always follows the same one, and a short pause after each round lets a `tf.data` feed
+# refill its prefetch buffer then, not on the cores of the next feed's round. Each ratio
+# between two feeds is taken within a round (where both saw about the same load from
+# other programs), and the median over rounds is kept. On a shared 2-core virtual machine
+# a single round can be 10% off, hence the many rounds; the numbers still move a little
+# from run to run: the input pipeline's threads and the model's ops compete for the same
+# two cores, and so does everything else running.
 
 # %%
 feed_results = throughput.measure_feeds(
-    cifar.x_train, cifar.y_train, batch_size=GLOBAL_BATCH, n_batches=S.bench_batches,
-    rounds=config.pick(smoke=2, full=5),
+    cifar.x_train, cifar.y_train, batch_size=GLOBAL_BATCH, n_batches=config.pick(smoke=S.bench_batches, full=20),
+    rounds=config.pick(smoke=2, full=30),
 )
 feeds = throughput.feeds_table(feed_results)
 ratios = throughput.pipeline_ratios(feed_results)
@@ -195,6 +229,10 @@ fig = plots.bar_chart(
 #   the input work and the model compete for the same, fully used cores, as on this
 #   2-core CPU: the times per image add up, so the share is alone / (alone + ceiling).
 #   Prefetching cannot hide input work when no core is idle.
+# - A measured share *below* the predicted one is the price of sharing cores: the step's
+#   ops split their work over both cores, so while a pipeline thread holds one core for a
+#   moment, the other half of the op waits for it, and the stall costs more than the
+#   pipeline's own CPU time.
 #
 # On a GPU machine the picture changes: the step runs on the GPU while the CPU cores
 # prepare batches in parallel, so a feed whose "alone" speed is above the GPU's step rate
@@ -323,9 +361,10 @@ print(distribute.auto_shard_preview(distribute.id_file_dataset(id_files[:1]), "F
 #
 # ## Summary
 #
-# - The tuned pipeline caches uint8 images, shuffles, batches by the **global** batch
-#   size, normalises and augments whole batches in vectorised ops, and prefetches with
-#   `AUTOTUNE`. With a fixed seed it is reproducible.
+# - The tuned pipeline holds the uint8 images in memory, shuffles with one permutation per
+#   epoch, batches image ids by the **global** batch size, then picks, augments and
+#   normalises each batch with one gather, and prefetches with `AUTOTUNE`. No `tf.data`
+#   operation touches single examples. With a fixed seed it is reproducible.
 # - Feeds are compared by images/s on the same training step; the in-memory ceiling tells
 #   you whether the input or the model limits the speed (the table above has this run's
 #   numbers).
@@ -339,8 +378,8 @@ print(distribute.auto_shard_preview(distribute.id_file_dataset(id_files[:1]), "F
 # ## Exercises
 #
 # 1. Build a *per-image* version of the pipeline (`map` normalisation and a per-image
-#    crop and flip **before** `batch`) and compare its own cost with the tuned pipeline's:
-#    images/s with `throughput.time_feed_alone`, and CPU time per image.
+#    crop and flip **before** `batch`) and compare its own cost with the tuned pipeline's
+#    using `throughput.feed_cost`.
 # 2. What do `FILE` and `DATA` sharding give with 3 files and 4 workers?
 # 3. With 250 examples, global batch 100, 4 replicas and no `drop_remainder`, how many
 #    examples does each replica get in the last step?
@@ -361,12 +400,8 @@ per_image_ds = (tf.data.Dataset.from_tensor_slices((cifar.x_train[:n_small], cif
 tuned_ds = pipeline.make_dataset(cifar.x_train[:n_small], cifar.y_train[:n_small], GLOBAL_BATCH, training=True).repeat()
 n_timed = config.pick(smoke=10, full=100)
 for name, ds in [("per-image map", per_image_ds), ("tuned (batched map)", tuned_ds)]:
-    it = iter(ds)
-    throughput.time_feed_alone(it, 5)  # warm-up: cache and shuffle buffer
-    cpu0 = time.process_time()
-    seconds = throughput.time_feed_alone(it, n_timed)
-    cpu_us = (time.process_time() - cpu0) / (n_timed * GLOBAL_BATCH) * 1e6
-    print(f"{name:20s} {n_timed * GLOBAL_BATCH / seconds:8.0f} images/s alone, {cpu_us:5.1f} CPU-us per image")
+    cost = throughput.feed_cost(iter(ds), n_timed, GLOBAL_BATCH)  # warm-up: cache, shuffle buffer
+    print(f"{name:20s} {cost['images/s alone']:8.0f} images/s alone, {cost['CPU us per image']:5.1f} CPU-us per image")
 
 # %% jupyter={"source_hidden": true}
 # Solution 2

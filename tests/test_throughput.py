@@ -83,3 +83,24 @@ def test_paired_ratio_cancels_a_slow_round():
     assert T.paired_ratio(fast, slow) == pytest.approx(2.0)
     with pytest.raises(ValueError, match="same rounds"):
         T.paired_ratio(fast, T.FeedResult("c", 10, 1, (1.0,)))
+
+
+def test_rotated_order_gives_every_feed_every_position():
+    names = ("a", "b", "c")
+    orders = [T.rotated(names, r) for r in range(3)]
+    assert orders[0] == names and sorted(orders[1]) == sorted(names)
+    for position in range(3):
+        assert sorted(order[position] for order in orders) == sorted(names)
+
+
+def test_measure_feeds_rejects_negative_pause(data):
+    with pytest.raises(ValueError, match="pause_s"):
+        T.measure_feeds(*data, batch_size=32, n_batches=1, pause_s=-1)
+
+
+def test_feed_cost_reports_speed_and_cpu_time(data):
+    x, y = data
+    cost = T.feed_cost(iter(T.pipeline.make_dataset(x, y, 32, training=True).repeat()), 4, 32, warmup_batches=1)
+    assert cost["images/s alone"] > 0 and cost["CPU us per image"] > 0
+    with pytest.raises(ValueError, match="batch_size"):
+        T.feed_cost(iter([]), 1, 0)

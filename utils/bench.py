@@ -192,7 +192,7 @@ def run_measurement(spec: dict) -> dict:
         from utils import throughput
 
         results = throughput.measure_feeds(
-            ds.x_train, ds.y_train, batch_size=spec["batch"], n_batches=spec["steps"], rounds=3
+            ds.x_train, ds.y_train, batch_size=spec["batch"], n_batches=spec["steps"], rounds=spec.get("rounds", 3)
         )
         return {**throughput.pipeline_ratios(results), "synthetic": ds.is_synthetic}
 

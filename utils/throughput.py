@@ -15,7 +15,8 @@ Three feeds drive the *same* compiled training step of the same model, one after
     step does no input work at all. This is the compute ceiling.
 
 To resist noise from other processes on a shared machine, the feeds are timed in
-interleaved rounds (naive, tuned, ceiling, naive, tuned, ceiling, ...). A ratio between
+interleaved rounds (naive, tuned, ceiling; then tuned, ceiling, naive; ...: the order
+rotates so that no feed always follows the same one). A ratio between
 two feeds is taken *within* each round, where both saw about the same load, and the
 median over rounds is reported (a paired comparison): far steadier than comparing each
 feed's best round when the machine's load comes and goes.
@@ -116,6 +117,27 @@ def time_feed_alone(batches: Iterator[Batch], n_batches: int) -> float:
     return time.perf_counter() - start
 
 
+def feed_cost(batches: Iterator[Batch], n_batches: int, batch_size: int, warmup_batches: int = 5) -> dict[str, float]:
+    """A feed's own cost with no model: images/s (wall clock) and CPU microseconds per image.
+
+    CPU time counts every thread of this process (``tf.data`` works on background
+    threads), so it is what the feed takes away from a training step that needs every
+    core, and it is less sensitive to other programs than wall-clock time.
+
+    Raises:
+        ValueError: for a non-positive ``n_batches`` or ``batch_size``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if warmup_batches:
+        time_feed_alone(batches, warmup_batches)  # tracing, first buffers
+    cpu = time.process_time()
+    seconds = time_feed_alone(batches, n_batches)
+    cpu = time.process_time() - cpu
+    images = n_batches * batch_size
+    return {"images/s alone": images / seconds, "CPU us per image": cpu / images * 1e6}
+
+
 @dataclass(frozen=True)
 class FeedResult:
     """Timing of one feed over several rounds."""
@@ -169,6 +191,7 @@ def measure_feeds(
     model_fn: Callable[[], keras.Model] | None = None,
     device: str | None = None,
     seed: int = 0,
+    pause_s: float = 0.25,
 ) -> list[FeedResult]:
     """Time the three feeds on one training step, in interleaved rounds.
 
@@ -180,14 +203,16 @@ def measure_feeds(
         warmup_batches: untimed steps per feed first (tracing, cache fill, shuffle buffer).
         model_fn: the model to train (default: the seed CNN).
         device: where the step runs (default: TensorFlow's default device).
+        pause_s: idle seconds after each timed round, so that a ``tf.data`` feed refills
+            its prefetch buffer *then* rather than on the cores of the next feed's round.
 
     Raises:
         ValueError: for bad sizes or mismatched arrays.
     """
-    if rounds < 1 or n_batches < 1 or warmup_batches < 0:
+    if rounds < 1 or n_batches < 1 or warmup_batches < 0 or pause_s < 0:
         raise ValueError(
-            f"rounds and n_batches must be >= 1 and warmup_batches >= 0, got {rounds}, "
-            f"{n_batches}, {warmup_batches}"
+            f"rounds and n_batches must be >= 1, warmup_batches and pause_s >= 0, got {rounds}, "
+            f"{n_batches}, {warmup_batches}, {pause_s}"
         )
     if model_fn is None:
         from utils.models import build_seed_cnn
@@ -200,12 +225,26 @@ def measure_feeds(
         for batches in feeds.values():
             if warmup_batches:
                 time_feed(step, batches, warmup_batches)
+                time.sleep(pause_s)
         times: dict[str, list[float]] = {name: [] for name in FEEDS}
-        for _ in range(rounds):
-            for name in FEEDS:
+        for r in range(rounds):
+            for name in rotated(FEEDS, r):
                 times[name].append(time_feed(step, feeds[name], n_batches))
+                time.sleep(pause_s)
         alone = {name: time_feed_alone(feeds[name], n_batches) for name in FEEDS[:2]}
     return [FeedResult(name, batch_size, n_batches, tuple(times[name]), alone.get(name)) for name in FEEDS]
+
+
+def rotated(names: tuple[str, ...], round_index: int) -> tuple[str, ...]:
+    """The feeds' order in round ``round_index``: rotated by one place per round.
+
+    A fixed order is biased: the feed timed right after the naive one always starts with
+    caches its 1.2 GB float64 array has just flushed, and the one after a ``tf.data``
+    feed shares the cores with that feed's prefetch refilling. Rotating gives every feed
+    every position equally often over ``len(names)`` rounds.
+    """
+    k = round_index % len(names)
+    return names[k:] + names[:k]
 
 
 def paired_ratio(a: FeedResult, b: FeedResult) -> float:
