@@ -38,7 +38,7 @@
 #
 # | mode | 2-core CPU (2 logical CPUs) | GPU |
 # |---|---|---|
-# | full (`SERIES_MODE=full`, real CIFAR-10) | 14.6 min (last cell), measured while other notebooks shared the 2 cores | not measured yet |
+# | full (`SERIES_MODE=full`, real CIFAR-10) | 9 min on a quiet machine (14.6 min while other notebooks shared the 2 cores) | not measured yet |
 # | smoke (`SERIES_MODE=smoke`, CI) | 42 s under nbval (another notebook was running at the same time) | not measured yet |
 #
 # The full run is the longest of the series: it trains the CNN twice for 10 epochs on
@@ -209,8 +209,8 @@ print(series.history.round(4).to_string(index=False))
 # function (`training.test_metrics`) on the same test images. *Wall time* is the time spent in
 # `model.fit`, including the per-epoch validation; *CPU time* is what this process used on all
 # threads, which moves far less than wall time when other programs compete for the cores
-# (they did during the stored run: see the uneven `epoch_s` column above, e.g. epoch 5 of
-# the series' recipe).
+# or the virtual machine slows down (it did during the stored run: see the uneven `epoch_s`
+# column above, e.g. epoch 10 of the series' recipe).
 
 # %%
 table = training.compare_results([seed, series])
@@ -402,9 +402,9 @@ plt.show()
 #   stopping, throughput in images/s, and a backup that resumes after a crash.
 # - The interrupted run resumed at the interrupted epoch with the optimizer state of the last
 #   completed epoch: no epoch lost, none trained twice, as the ledger and curves show.
-# - In the stored full run, the series' recipe reached a test accuracy of 0.7254 against the
-#   seed recipe's 0.6629, in 343.0 s of wall time against 418.2 s (185.5 s of CPU time
-#   against 318.0 s), both measured in the same run. The seed's recipe overfits: its
+# - In the stored full run, the series' recipe reached a test accuracy of 0.7330 against the
+#   seed recipe's 0.6629, in 197.7 s of wall time against 273.4 s (200.2 s of CPU time
+#   against 350.9 s), both measured in the same run. The seed's recipe overfits: its
 #   validation (= test) accuracy peaked at 0.6888 in epoch 4 and fell afterwards. Neither
 #   gain comes from the logical CPUs.
 # - Notebook 05 reloads the saved model and evaluates it in detail.

@@ -36,13 +36,13 @@
 #
 # | mode | 2-core CPU | GPU |
 # |---|---|---|
-# | full, notebook 04's model present | 6 min 16 s | not measured yet |
-# | full, baseline trained here first (as in the stored outputs) | 18 min 40 s under heavy load, 11 min of it training the baseline | not measured yet |
+# | full, notebook 04's model present (as in the stored outputs) | 4 min 47 s on a quiet machine | not measured yet |
+# | full, baseline trained here first | 18 min 40 s under heavy load, 11 min of it training the baseline | not measured yet |
 # | smoke (`SERIES_MODE=smoke`) | 54 s | not measured yet |
 #
 # If notebook 04 has not saved its model yet (or saved it in the other mode), the first
-# cell of "The model to compress" trains one for 10 epochs and says so; the stored outputs
-# of this notebook come from such a run.
+# cell of "The model to compress" trains one for 10 epochs and says so. The stored outputs
+# of this notebook compress the model that notebook 04's stored run saved.
 
 # %% [markdown]
 # ## Setup
@@ -197,7 +197,7 @@ print(prune_table.to_string(float_format="{:.4f}".format))
 #   dense baseline, whose float32 weights barely compress at all;
 # - the **test accuracy** column shows what each level cost after the short fine-tuning
 #   above, to compare with the baseline's first row. With two epochs of fine-tuning, 50%
-#   costs nothing, 75% a few points and 90% a lot.
+#   costs under a point, 75% about three points and 90% a lot.
 #
 # Why is 90% so much harder? The sparsity is the same for every layer, and that is hard on
 # the small ones: the check table shows `conv1` keeping only 86 of its 864 weights, while
@@ -292,7 +292,7 @@ print(f"int8 minus float32 test accuracy: {gap:+.2f} points "
 #   weight scales and a representative dataset drawn from the training images are what
 #   keep int8 close;
 # - **latency**: int8 runs integer kernels and is the fastest per image here; float16
-#   weights are expanded back to float32 on a CPU, so they save bytes, not time. Latencies
+#   weights are expanded back to float32 on a CPU, so they save bytes and little time. Latencies
 #   are medians on a shared 2-core machine; compare them within one run only.
 
 # %% [markdown]
@@ -340,7 +340,8 @@ print(qat_view[["bytes on disk", "test accuracy", "accuracy change (points)", "l
       .to_string(float_format="{:.4f}".format))
 
 # %% [markdown]
-# Both int8 models have the same size and speed; they differ only in how their weights and
+# Both int8 models have about the same size and run the same integer kernels (their
+# latencies differ by measurement noise); they differ only in how their weights and
 # ranges were found. On this small CNN post-training int8 is already close to float32, so
 # QAT has little to recover: compare the `accuracy change` of the two int8 rows above
 # (QAT also had one more epoch of fine-tuning at a small learning rate). QAT earns its cost
@@ -411,11 +412,10 @@ print(kd_view[["parameters", "gzip bytes", "compression ratio", "test accuracy",
 # %% [markdown]
 # Compare the two float32 students: same architecture, same initial weights, same epochs,
 # so the gap between their `test accuracy` values is what the teacher's soft targets
-# bought. In this run the distilled student came out a little ahead after four epochs
-# (compare the two float32 rows): a real but modest effect at this budget. One run on a
-# shared machine carries noise of a few tenths of a point, so repeat with other seeds
-# before you trust a gap this small; distillation pays more with a stronger teacher and
-# longer training. The check cell above shows the
+# bought. In this run the distilled student came out about two points ahead after four
+# epochs (compare the two float32 rows). One run is one sample: the gap moves with the
+# seed and the teacher, so repeat with other seeds before you trust its size;
+# distillation pays more with a stronger teacher and longer training. The check cell above shows the
 # student's 4.0x fewer parameters and 3.5x fewer FLOPs per image, so unlike pruning it is
 # also faster on ordinary dense kernels (`latency` column); quantizing it to int8 stacks
 # another factor of about 4 on the bytes.
@@ -556,7 +556,7 @@ print("reloaded model predicts like the trained one within 1e-5:",
 # - Magnitude pruning in plain Keras 3 (a callback with masks re-applied after every step)
 #   reaches the requested sparsity exactly, checked from the final weights. The zeros
 #   only shrink the model once compressed (gzip), and they do not speed up dense kernels.
-#   50% was free here; 90% needs more fine-tuning or per-layer sparsities.
+#   50% cost under a point here; 90% needs more fine-tuning or per-layer sparsities.
 # - Post-training quantization with `TFLiteConverter` needs no retraining: float16 halves
 #   the file, dynamic range and full int8 quarter it. Full int8 with a small
 #   representative dataset stayed within 1 point of float32 here (section 2) and ran
@@ -565,7 +565,7 @@ print("reloaded model predicts like the trained one within 1e-5:",
 #   converter reads their ranges. On this CNN it has little to add to PTQ.
 # - Distillation trained a half-width student with 4.0x fewer parameters and lower
 #   latency; against the same student trained on labels alone for the same epochs it came
-#   out a little ahead (section 4). It cannot match the teacher at this size and budget.
+#   out about two points ahead in this run (section 4). It cannot match the teacher at this size and budget.
 # - Quantization shrinks serving memory, not training memory; unstructured pruning shrinks
 #   downloads, not memory; distillation shrinks everything. Compress after training:
 #   save, reload outside the strategy, convert.
