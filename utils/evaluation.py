@@ -283,34 +283,11 @@ def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, n_bins: in
 def plot_confusion_matrix(
     cm: np.ndarray, class_names: Sequence[str], normalize: bool = True, ax: Any = None, title: str = ""
 ) -> Any:
-    """Heat map of a confusion matrix (rows normalised to recall when ``normalize``).
+    """Heat map of a confusion matrix (rows normalised to recall when ``normalize``):
+    :func:`utils.plots.confusion_matrix_plot`. Returns the matplotlib figure."""
+    from utils import plots
 
-    Returns the matplotlib figure.
-    """
-    import matplotlib.pyplot as plt
-
-    cm = np.asarray(cm)
-    if cm.shape != (len(class_names), len(class_names)):
-        raise ValueError(f"confusion matrix {cm.shape} does not match {len(class_names)} class names")
-    values = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1) if normalize else cm
-    if ax is None:
-        _, ax = plt.subplots(figsize=(7, 6))
-    image = ax.imshow(values, cmap="Blues", vmin=0, vmax=1 if normalize else None)
-    ax.figure.colorbar(image, ax=ax, fraction=0.046, label="share of true class" if normalize else "count")
-    ticks = np.arange(len(class_names))
-    ax.set_xticks(ticks, class_names, rotation=45, ha="right")
-    ax.set_yticks(ticks, class_names)
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    threshold = values.max() / 2 if values.size else 0
-    for i in range(values.shape[0]):
-        for j in range(values.shape[1]):
-            text = f"{values[i, j]:.2f}" if normalize else str(values[i, j])
-            ax.text(j, i, text, ha="center", va="center", fontsize=7,
-                    color="white" if values[i, j] > threshold else "black")
-    ax.set_title(title or ("Confusion matrix (rows: recall)" if normalize else "Confusion matrix"))
-    ax.figure.tight_layout()
-    return ax.figure
+    return plots.confusion_matrix_plot(cm, class_names, normalize=normalize, title=title or None, ax=ax)
 
 
 def misclassified_indices(

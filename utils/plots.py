@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 CORRECT_COLOR = "black"
@@ -213,10 +214,12 @@ def confusion_matrix_plot(
     *,
     normalize: bool = True,
     title: str | None = None,
+    ax: Axes | None = None,
 ) -> Figure:
     """A confusion matrix (rows: true class, columns: predicted class) with its values.
 
     With ``normalize=True`` each row is divided by its total (recall on the diagonal).
+    Draws into ``ax`` when given, else into a new figure; returns the figure.
 
     Raises:
         ValueError: for a non-square matrix or one whose size differs from the names.
@@ -228,23 +231,23 @@ def confusion_matrix_plot(
     if normalize:
         totals = cm.sum(axis=1, keepdims=True)
         cm = np.divide(cm, totals, out=np.zeros_like(cm), where=totals > 0)
-    fig, ax = plt.subplots(figsize=(0.55 * k + 2.5, 0.55 * k + 2))
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 6))
     im = ax.imshow(cm, cmap="Blues", vmin=0, vmax=1 if normalize else None)
+    ax.figure.colorbar(im, ax=ax, fraction=0.046, label="share of true class" if normalize else "count")
     ax.set_xticks(range(k), class_names, rotation=45, ha="right")
     ax.set_yticks(range(k), class_names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
     threshold = cm.max() / 2 if cm.size else 0
     for i in range(k):
         for j in range(k):
             text = f"{cm[i, j]:.2f}" if normalize else f"{int(cm[i, j])}"
             ax.text(j, i, text, ha="center", va="center", fontsize=7,
                     color="white" if cm[i, j] > threshold else "black")
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    return fig
+    ax.set_title(title or ("Confusion matrix (rows: recall)" if normalize else "Confusion matrix"))
+    ax.figure.tight_layout()
+    return ax.figure
 
 
 def reliability_diagram(
