@@ -244,21 +244,17 @@ def top_confusions(cm: np.ndarray, class_names: Sequence[str], n: int = 5) -> pd
 
 
 # --------------------------------------------------------------------------- calibration
-def reliability_table(probs: np.ndarray, y_true: np.ndarray, n_bins: int = 10) -> pd.DataFrame:
-    """Bin predictions by confidence (max probability) into ``n_bins`` equal-width bins.
+def calibration_bins(confidences: np.ndarray, correct: np.ndarray, n_bins: int = 10) -> pd.DataFrame:
+    """Bin predictions by confidence into ``n_bins`` equal-width bins on [0, 1].
 
     Columns: ``bin`` (e.g. ``"0.9-1.0"``), ``lower``, ``upper``, ``count``, ``confidence``
     (mean confidence in the bin), ``accuracy`` (share correct in the bin), ``gap``
     (confidence - accuracy; positive = over-confident). Empty bins have NaN means.
     """
-    probs = np.asarray(probs)
-    y_true = np.asarray(y_true).reshape(-1)
-    if probs.ndim != 2 or probs.shape[0] != y_true.shape[0]:
-        raise ValueError(f"probs must be (N, classes) with N = {y_true.shape[0]}, got {probs.shape}")
     if n_bins < 1:
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
-    conf = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == y_true
+    conf = np.asarray(confidences, dtype=float).reshape(-1)
+    correct = np.asarray(correct).astype(bool).reshape(-1)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     idx = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
     rows = []
@@ -272,11 +268,26 @@ def reliability_table(probs: np.ndarray, y_true: np.ndarray, n_bins: int = 10) -
     return pd.DataFrame(rows)
 
 
+def calibration_error(bins: pd.DataFrame) -> float:
+    """ECE (Guo et al., 2017) of a :func:`calibration_bins` table: the count-weighted mean
+    of |confidence - accuracy| over the bins."""
+    filled = bins[bins["count"] > 0]
+    return float((filled["count"] * filled["gap"].abs()).sum() / bins["count"].sum())
+
+
+def reliability_table(probs: np.ndarray, y_true: np.ndarray, n_bins: int = 10) -> pd.DataFrame:
+    """:func:`calibration_bins` of a classifier's predictions: confidence = max probability,
+    correct = argmax equals the label."""
+    probs = np.asarray(probs)
+    y_true = np.asarray(y_true).reshape(-1)
+    if probs.ndim != 2 or probs.shape[0] != y_true.shape[0]:
+        raise ValueError(f"probs must be (N, classes) with N = {y_true.shape[0]}, got {probs.shape}")
+    return calibration_bins(probs.max(axis=1), probs.argmax(axis=1) == y_true, n_bins)
+
+
 def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, n_bins: int = 10) -> float:
     """ECE (Guo et al., 2017): the count-weighted mean of |confidence - accuracy| over bins."""
-    table = reliability_table(probs, y_true, n_bins)
-    filled = table[table["count"] > 0]
-    return float((filled["count"] * filled["gap"].abs()).sum() / table["count"].sum())
+    return calibration_error(reliability_table(probs, y_true, n_bins))
 
 
 # --------------------------------------------------------------------------- plots

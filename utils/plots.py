@@ -273,27 +273,13 @@ def reliability_diagram(
         raise ValueError(f"need the same non-zero number of confidences and flags, got {len(conf)} and {len(ok)}")
     if np.any((conf < 0) | (conf > 1)):
         raise ValueError("confidences must lie in [0, 1] (pass probabilities, not logits)")
-    if n_bins < 1:
-        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
-    edges = np.linspace(0, 1, n_bins + 1)
-    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
-    rows = []
-    for b in range(n_bins):
-        mask = which == b
-        rows.append(
-            {
-                "bin": f"{edges[b]:.1f}-{edges[b + 1]:.1f}",
-                "count": int(mask.sum()),
-                "mean confidence": float(conf[mask].mean()) if mask.any() else np.nan,
-                "accuracy": float(ok[mask].mean()) if mask.any() else np.nan,
-            }
-        )
-    table = pd.DataFrame(rows)
-    weights = table["count"] / len(conf)
-    gaps = (table["accuracy"] - table["mean confidence"]).abs().fillna(0)
-    table.attrs["ece"] = float((weights * gaps).sum())
+    from utils.evaluation import calibration_bins, calibration_error
+
+    bins = calibration_bins(conf, ok, n_bins)
+    table = bins.rename(columns={"confidence": "mean confidence"})[["bin", "count", "mean confidence", "accuracy"]]
+    table.attrs["ece"] = calibration_error(bins)
     fig, ax = plt.subplots(figsize=(4.5, 4.2))
-    centers = (edges[:-1] + edges[1:]) / 2
+    centers = (bins["lower"] + bins["upper"]) / 2
     ax.bar(centers, table["accuracy"].fillna(0), width=1 / n_bins, edgecolor="black", alpha=0.7, label="accuracy")
     ax.plot([0, 1], [0, 1], "--", color="tab:gray", label="perfect calibration")
     ax.set_xlabel("confidence")
