@@ -11,13 +11,14 @@ LAB_ARGS := --ServerApp.ip=127.0.0.1 --ServerApp.root_dir=notebooks
 NBVAL_ARGS := --nbval-lax
 EXEC_ARGS := --to notebook --execute --inplace --ExecutePreprocessor.timeout=1800
 
-.PHONY: venv lab test unit nbval notebooks notebook lint bench browser-check clean-runs help timings docs-tables bench-pipeline
+.PHONY: export venv lab test unit nbval notebooks notebook lint bench browser-check clean-runs help timings docs-tables bench-pipeline
 
 help:
 	@echo "make lab        - create .venv if missing, install, start JupyterLab on notebooks/"
 	@echo "make test       - unit tests + every notebook under nbval in smoke mode (what CI runs)"
 	@echo "make notebooks  - re-execute every notebook in place in FULL mode (refresh outputs)"
 	@echo "make notebook NB=notebooks/01_cnn_model.ipynb - one notebook, full mode"
+	@echo "make export     - regenerate utils/lessons/ from the notebooks' #@save cells"
 	@echo "make lint       - ruff on utils/, tests/ and notebooks/"
 	@echo "make bench      - the benchmark table (SERIES_MODE=smoke for a quick check)"
 
@@ -54,6 +55,10 @@ notebook: $(STAMP)
 	@test -n "$(NB)" || (echo "usage: make notebook NB=notebooks/NN_name.ipynb" && exit 2)
 	$(BIN)/python scripts/normalize_notebooks.py $(NB)
 	SERIES_MODE=full $(BIN)/jupyter nbconvert $(EXEC_ARGS) $(NB)
+
+# utils/lessons/ from the notebooks' #@save cells (d2l's convention)
+export: $(STAMP)
+	$(BIN)/python scripts/export_lessons.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check utils tests scripts notebooks

@@ -1,7 +1,9 @@
 # ---
 # jupyter:
 #   jupytext:
+#     cell_metadata_filter: tags,jupyter,-all
 #     formats: ipynb,py:percent
+#     notebook_metadata_filter: kernelspec,jupytext,-jupytext.text_representation.jupytext_version
 #     text_representation:
 #       extension: .py
 #       format_name: percent
@@ -71,6 +73,32 @@ pd.set_option("display.max_columns", 20)
 S = config.sizes()
 print("mode:", config.get_mode(), "| seed:", config.seed_everything())
 print("TensorFlow", tf.__version__, "| Keras", keras.__version__, "| devices:", devices.device_kind())
+
+# %% [markdown]
+# Every claim of "equal" in this series is a printed number against a stated tolerance.
+# Two small functions measure the gap between two sets of tensors (weights, gradients,
+# logits); later notebooks reuse them (`#@save` marks code that is exported to
+# `utils.lessons`, see the README).
+
+# %%
+#@save
+import numpy as np
+import tensorflow as tf
+
+
+def max_abs_diff(a, b) -> float:
+    """Largest |a - b| over two tensors or two matching nests (lists, dicts) of tensors."""
+    pairs = zip(tf.nest.flatten(a), tf.nest.flatten(b), strict=True)
+    return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+               for x, y in pairs)
+
+
+def max_rel_diff(a, b) -> float:
+    """Largest |a - b| / max|b| over matching tensors: a gap relative to b's scale."""
+    pairs = zip(tf.nest.flatten(a), tf.nest.flatten(b), strict=True)
+    return max(max_abs_diff(x, y) / max(float(np.max(np.abs(np.asarray(y, np.float64)))), 1e-30)
+               for x, y in pairs)
+
 
 # %% [markdown]
 # ## Data parallelism is not model parallelism

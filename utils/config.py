@@ -12,11 +12,14 @@ Any other value raises :class:`ValueError` naming the variable and the allowed v
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import random
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from collections.abc import Iterator
 from typing import TypeVar
 
 import numpy as np
@@ -119,3 +122,19 @@ def run_dir(name: str, *, fresh: bool = False) -> Path:
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@contextlib.contextmanager
+def quiet_tf_logs(level: int = logging.ERROR) -> Iterator[None]:
+    """Raise TensorFlow's Python logger to ``level`` inside the block (restored after).
+
+    Hides ``MirroredStrategy``'s INFO lines and the "triggered tf.function retracing"
+    warnings that comparing several freshly built variants of one step triggers on purpose.
+    """
+    logger = logging.getLogger("tensorflow")
+    previous = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)

@@ -108,6 +108,17 @@ class Cifar10:
 
 
 # --------------------------------------------------------------------------- reading files
+
+def to_float(images: np.ndarray, dtype: str = "float32") -> np.ndarray:
+    """uint8 pixels in [0, 255] -> floats in [0, 1], the scaling the seed CNN expects.
+
+    Floating-point input is only cast to ``dtype`` (it is taken as already scaled).
+    """
+    images = np.asarray(images)
+    if images.dtype == np.uint8:
+        return images.astype(dtype) / np.asarray(255.0, dtype)
+    return images.astype(dtype)
+
 def parse_batch(raw: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
     """Decode one pickled CIFAR-10 batch (official "python version" layout).
 

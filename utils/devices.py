@@ -55,9 +55,49 @@ def requested_num_cpus(num_cpus: int | str | None = None) -> int:
     return parse_num_cpus(num_cpus)
 
 
+def short_device(name: str) -> str:
+    """``'/job:localhost/replica:0/task:0/device:CPU:1'`` -> ``'CPU:1'`` (``''`` stays ``''``)."""
+    return name.rsplit("device:", 1)[-1] if name else ""
+
+
+_KEY_BASES: dict[tuple[str, ...], int] = {}
+_KEY_SPACING = 100_000
+
+
+def make_strategy(names: list[str] | None = None) -> tf.distribute.MirroredStrategy:
+    """A ``MirroredStrategy`` with one replica per device (default: :func:`compute_devices`).
+
+    Every ``MirroredStrategy`` numbers its collective groups from 1, so a 2-device strategy
+    created after a 4-device one in the same process fails with "Device ... is joining a
+    group with size 2, but that group has size 4". TensorFlow's own tests avoid this by
+    shifting the (private) class attribute ``_collective_key_base``; so do we, one key range
+    per device set, never the default range that DTensor uses.
+    """
+    names = list(compute_devices() if names is None else names)
+    known = {short_device(d.name): d.name for d in tf.config.list_logical_devices()}
+    unknown = [n for n in names if short_device(n) not in known]
+    if not names or unknown:
+        raise ValueError(
+            f"Unknown or no device(s) {unknown or names}. This process has "
+            f"{sorted(known.values())}: pick from utils.devices.compute_devices()."
+        )
+    chosen = [known[short_device(n)] for n in names]
+    base = _KEY_BASES.setdefault(tuple(chosen), _KEY_SPACING * (len(_KEY_BASES) + 1))
+    cls = tf.distribute.MirroredStrategy
+    previous = cls._collective_key_base
+    cls._collective_key_base = base
+    try:
+        return cls(chosen)
+    finally:
+        cls._collective_key_base = previous
+
+
 def gpus() -> list[tf.config.PhysicalDevice]:
-    """The physical GPUs TensorFlow can see."""
-    return tf.config.list_physical_devices("GPU")
+    """The physical GPUs TensorFlow can see (the CUDA driver probe's log line silenced)."""
+    from utils import silenced_stderr
+
+    with silenced_stderr():
+        return tf.config.list_physical_devices("GPU")
 
 
 def setup_devices(num_cpus: int | str | None = None) -> pd.DataFrame:
