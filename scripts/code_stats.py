@@ -42,7 +42,8 @@ def code_lines(source: str) -> int:
 
 
 def notebook_code(path: Path) -> str:
-    """The code of a notebook's code cells, IPython magics and shell lines left out."""
+    """The code of a notebook's code cells (a `%%writefile` cell's file included), IPython
+    magics and shell lines left out."""
     cells = json.loads(path.read_text())["cells"]
     out = []
     for cell in cells:
@@ -50,7 +51,9 @@ def notebook_code(path: Path) -> str:
             continue
         src = "".join(cell["source"])
         if src.lstrip().startswith("%%"):
-            continue  # a %%writefile cell: counted as the file it writes, not here
+            if not src.lstrip().startswith("%%writefile"):
+                continue  # another cell magic (bash, html...): not Python
+            src = src.lstrip().split("\n", 1)[1] if "\n" in src.lstrip() else ""
         out.append("\n".join(line for line in src.splitlines() if not line.lstrip().startswith(("%", "!"))))
     return "\n\n".join(out)
 
