@@ -7,7 +7,10 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 NBS    := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 # JupyterLab listens on loopback only; token authentication stays on (Jupyter's default).
-LAB_ARGS := --ServerApp.ip=127.0.0.1 --ServerApp.root_dir=notebooks
+LAB_ARGS := --ServerApp.ip=127.0.0.1 --ServerApp.root_dir=notebooks \
+            --LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate
+LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings/overrides.json
+LAB_OVERRIDES := {"@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": false}}
 NBVAL_ARGS := --nbval-lax
 EXEC_ARGS := --to notebook --execute --inplace --ExecutePreprocessor.timeout=1800
 
@@ -30,9 +33,14 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	@touch $(STAMP)
 
+# JupyterLab settings for the series: no "Jupyter news" pop-up, no update check.
+$(LAB_SETTINGS): $(STAMP) Makefile
+	@mkdir -p $(dir $@)
+	@echo '$(LAB_OVERRIDES)' > $@
+
 venv: $(STAMP)
 
-lab: $(STAMP)
+lab: $(STAMP) $(LAB_SETTINGS)
 	$(BIN)/jupyter lab $(LAB_ARGS)
 
 test: $(STAMP)
@@ -69,7 +77,7 @@ clean-runs:
 timings: $(STAMP)
 	$(BIN)/python scripts/measure_smoke.py --twice
 
-browser-check: $(STAMP)
+browser-check: $(STAMP) $(LAB_SETTINGS)
 	$(BIN)/python scripts/browser_check.py
 
 bench: $(STAMP)

@@ -1,6 +1,8 @@
 """Write measured tables into the docs (between <!-- NAME:start --> and <!-- NAME:end -->).
 
-- docs/instructor-guide.md: the run-time table (utils.series.runtime_table()).
+- every notebook: the run-time table under its "Run time" heading (utils.series.runtime_block),
+  in the .ipynb and its jupytext pair (markdown only: outputs are left as they are);
+- docs/instructor-guide.md and README.md: the run-time table (utils.series.runtime_table()).
 - README.md: the benchmark table from bench-results/bench.md, if present.
 Usage: make docs-tables
 """
@@ -13,7 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from utils.series import runtime_table  # noqa: E402
+from utils.series import RUNTIME_END, RUNTIME_START, notebook_paths, runtime_block, runtime_table  # noqa: E402
 
 
 def replace_block(path: Path, name: str, body: str) -> None:
@@ -29,8 +31,34 @@ def markdown_table(df) -> str:
     return head + "\n".join("| " + " | ".join(str(v) for v in row) + " |" for row in df.itertuples(index=False))
 
 
+def update_notebook(path: Path) -> bool:
+    """Write the generated run-time block into the notebook's markdown; True if it changed."""
+    import subprocess
+
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    block = runtime_block(path)
+    pattern = re.compile(re.escape(RUNTIME_START) + ".*?" + re.escape(RUNTIME_END), re.S)
+    changed = False
+    for cell in nb.cells:
+        if cell.cell_type == "markdown" and RUNTIME_START in cell.source:
+            new = pattern.sub(lambda _: block, cell.source)
+            changed |= new != cell.source
+            cell.source = new
+    if changed:
+        nbformat.write(nb, path)
+        subprocess.run([sys.executable, "-m", "jupytext", "--quiet", "--sync", str(path)], check=True)
+    return changed
+
+
 def main() -> int:
-    replace_block(ROOT / "docs" / "instructor-guide.md", "runtime-table", markdown_table(runtime_table()))
+    for path in notebook_paths():
+        if update_notebook(path):
+            print(f"run-time block updated: {path.name}")
+    table = markdown_table(runtime_table())
+    replace_block(ROOT / "docs" / "instructor-guide.md", "runtime-table", table)
+    replace_block(ROOT / "README.md", "runtime-table", table)
     bench = ROOT / "bench-results" / "bench.md"
     if bench.exists():
         replace_block(ROOT / "README.md", "bench-table", bench.read_text())

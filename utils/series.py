@@ -13,6 +13,9 @@ from utils.config import REPO_ROOT
 
 NOTEBOOKS = REPO_ROOT / "notebooks"
 SMOKE_TIMES = REPO_ROOT / "docs" / "smoke_runtimes.csv"
+# Written by `make gpu-check` on a machine with an NVIDIA GPU (smoke mode there).
+GPU_TIMES = REPO_ROOT / "docs" / "gpu_runtimes.csv"
+RUNTIME_START, RUNTIME_END = "<!-- runtime:start -->", "<!-- runtime:end -->"
 
 
 def notebook_paths(folder: Path = NOTEBOOKS) -> list[Path]:
@@ -52,7 +55,8 @@ def recorded_seconds(nb: dict) -> float | None:
 
 
 def smoke_seconds(path: Path = SMOKE_TIMES) -> dict[str, float]:
-    """Smoke-mode run times from the last ``make timings`` (notebook file name -> seconds)."""
+    """Smoke-mode run times from the last ``make timings`` (notebook file name -> seconds);
+    with ``path=GPU_TIMES``, those of the last ``make gpu-check``."""
     if not path.exists():
         return {}
     with path.open() as f:
@@ -65,11 +69,15 @@ def _minutes(seconds: float | None) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
-def runtime_table(folder: Path = NOTEBOOKS) -> pd.DataFrame:
-    """One row per notebook: title, full-mode and smoke-mode wall time on this CPU."""
-    smoke = smoke_seconds()
+def runtime_table(folder: Path = NOTEBOOKS, exclude: str = "") -> pd.DataFrame:
+    """One row per notebook: title, full-mode and smoke-mode wall time on a 2-core CPU, and
+    smoke mode on a GPU where ``make gpu-check`` has run. ``exclude``: a notebook file name
+    to leave out (notebook 00 cannot know its own time while it runs)."""
+    smoke, gpu = smoke_seconds(), smoke_seconds(GPU_TIMES)
     rows = []
     for path in notebook_paths(folder):
+        if path.name == exclude:
+            continue
         nb = json.loads(path.read_text())
         rows.append(
             {
@@ -77,6 +85,22 @@ def runtime_table(folder: Path = NOTEBOOKS) -> pd.DataFrame:
                 "title": title(nb),
                 "full (2-core CPU)": _minutes(recorded_seconds(nb)),
                 "smoke (2-core CPU)": _minutes(smoke.get(path.name)),
+                "smoke (GPU)": _minutes(gpu.get(path.name)),
             }
         )
     return pd.DataFrame(rows)
+
+
+def runtime_block(path: Path) -> str:
+    """The run-time table a notebook shows under its "Run time" heading, from its recorded
+    full run (cell timestamps), the last ``make timings`` and the last ``make gpu-check``."""
+    nb = json.loads(path.read_text())
+    smoke = _minutes(smoke_seconds().get(path.name))
+    gpu = _minutes(smoke_seconds(GPU_TIMES).get(path.name))
+    return (
+        f"{RUNTIME_START}\n"
+        "| mode | 2-core CPU | GPU |\n|---|---|---|\n"
+        f"| full (`SERIES_MODE=full`, real CIFAR-10) | {_minutes(recorded_seconds(nb))} | not measured |\n"
+        f"| smoke (`SERIES_MODE=smoke`) | {smoke} | {gpu} |\n"
+        f"{RUNTIME_END}"
+    )
