@@ -14,7 +14,7 @@ LAB_OVERRIDES := {"@jupyterlab/apputils-extension:notification": {"fetchNews": "
 NBVAL_ARGS := --nbval-lax
 EXEC_ARGS := --to notebook --execute --inplace --ExecutePreprocessor.timeout=1800
 
-.PHONY: export venv lab test unit nbval notebooks notebook lint bench browser-check clean-runs help timings docs-tables bench-pipeline
+.PHONY: export venv lab test unit nbval notebooks notebook lint bench browser-check clean-runs help timings docs-tables bench-pipeline gpu-check
 
 help:
 	@echo "make lab        - create .venv if missing, install, start JupyterLab on notebooks/"
@@ -24,6 +24,7 @@ help:
 	@echo "make export     - regenerate utils/lessons/ from the notebooks' #@save cells"
 	@echo "make lint       - ruff on utils/, tests/ and notebooks/"
 	@echo "make bench      - the benchmark table (SERIES_MODE=smoke for a quick check)"
+	@echo "make gpu-check  - on an NVIDIA GPU: every notebook (smoke), mixed_float16, bench -> docs/gpu-report.md"
 
 $(STAMP): requirements.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), \
@@ -88,3 +89,6 @@ docs-tables: $(STAMP)
 
 bench-pipeline: $(STAMP)
 	$(BIN)/python scripts/bench_pipeline.py
+
+gpu-check: $(STAMP)
+	$(BIN)/python scripts/gpu_check.py

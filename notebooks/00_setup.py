@@ -32,8 +32,11 @@
 # - where the CIFAR-10 data will come from on your machine, and how to work offline;
 # - the one switch that makes every notebook run in seconds (smoke mode).
 #
-# **Run time** (this notebook): under a minute in both modes on a 2-core CPU; GPU: not
-# measured yet (it does no training).
+# **Run time** of this notebook, measured (generated from the recorded runs by
+# `make docs-tables`, never typed):
+#
+# <!-- runtime:start -->
+# <!-- runtime:end -->
 
 # %% [markdown]
 # ## Setup
@@ -43,8 +46,15 @@
 # (`pip install -e .`), so `import utils` works in every notebook wherever you started
 # JupyterLab, and edits to `utils/` take effect after a kernel restart.
 #
-# Import `utils` before TensorFlow: it turns down TensorFlow's C++ warnings. A few lines that
-# TensorFlow prints while it starts (oneDNN, CUDA drivers) still appear; they are harmless.
+# `utils` holds only infrastructure: modes, devices, data loading, the seed model, plots,
+# the memory calculator, the cluster launcher and benchmark helpers. The algorithms live in
+# the notebooks, written out where they are taught. What a later notebook reuses is marked
+# `#@save` in the notebook that teaches it (d2l's convention) and exported by `make export`
+# into the generated package `utils.lessons` (one module per notebook, never edited by hand).
+#
+# Import `utils` before TensorFlow: it keeps TensorFlow's start-up log (absl, oneDNN, the
+# CUDA driver probe on a machine without GPU) out of your outputs. Set `SERIES_TF_LOGS=1`
+# before starting JupyterLab to see those lines.
 
 # %%
 import platform
@@ -65,11 +75,12 @@ device_table
 # Each notebook builds on the ones before it. The table below is computed from the
 # committed notebooks themselves: the *full* column is the wall time of the full run whose
 # outputs you are reading (recorded by Jupyter in each cell's execution metadata), the
-# *smoke* column comes from the last `make timings` run. Both were taken on a 2-core CPU,
-# some of them while other jobs shared its cores: read them as upper bounds.
+# *smoke* column comes from the last `make timings` run, both on a 2-core CPU; the GPU
+# column from the last `make gpu-check` on a machine with an NVIDIA GPU. This notebook's
+# own time is in its "Run time" table above (it cannot measure itself while it runs).
 
 # %%
-series.runtime_table()
+series.runtime_table(exclude="00_setup.ipynb")
 
 # %% [markdown]
 # **Smoke mode.** Set the environment variable `SERIES_MODE=smoke` before starting
@@ -210,22 +221,40 @@ print("classes:", ", ".join(cifar.class_names))
 #
 # ## Exercises
 #
-# 1. Start a fresh kernel with `SERIES_NUM_CPUS=2` and check how many compute devices you
-#    get. What happens if you set it to `abc`?
-# 2. Place one matmul on the first and one on the last logical device, add the results, and
-#    print the device of each tensor. Where did the addition run?
+# **1.** Start a fresh Python process with `SERIES_NUM_CPUS=2` and check how many compute
+# devices you get. What happens if you set it to `abc`? (This kernel's devices are already
+# fixed, so use a subprocess.)
 
-# %% jupyter={"source_hidden": true}
-# Solution 1 (run in a subprocess, because this kernel's devices are already fixed)
+# %%
+# Try it: change the value, run, then compare with the solution below.
 import subprocess
 import sys
 
+value = "3"
+out = subprocess.run(
+    [sys.executable, "-c", "from utils import devices; devices.setup_devices(); print(len(devices.compute_devices()))"],
+    capture_output=True, text=True, env={**os.environ, "SERIES_NUM_CPUS": value},
+)
+print(f"SERIES_NUM_CPUS={value}:", out.stdout.strip() or out.stderr.strip().splitlines()[-1])
+
+# %% jupyter={"source_hidden": true}
+# Solution 1: a subprocess per value, because this kernel's devices are already fixed
 for value in ["2", "abc"]:
     out = subprocess.run(
         [sys.executable, "-c", "from utils import devices; devices.setup_devices(); print(len(devices.compute_devices()))"],
-        capture_output=True, text=True, env={**os.environ, "SERIES_NUM_CPUS": value, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        capture_output=True, text=True, env={**os.environ, "SERIES_NUM_CPUS": value},
     )
     print(f"SERIES_NUM_CPUS={value}:", out.stdout.strip() or out.stderr.strip().splitlines()[-1])
+
+# %% [markdown]
+# **2.** Place one matmul on the first and one on the last logical device, add the
+# results, and print the device of each tensor. Where did the addition run?
+
+# %%
+# Try it: put a second matmul on names[-1], add the two, print the device of each tensor.
+with tf.device(names[0]):
+    a = tf.matmul(x, x)
+print("a on", a.device.split("/")[-1])
 
 # %% jupyter={"source_hidden": true}
 # Solution 2

@@ -32,8 +32,11 @@
 # - how the numbers grow with a width multiplier, the "bigger model" of later notebooks;
 # - how to run a forward pass on real CIFAR-10 images.
 #
-# **Run time**: under a minute in both modes on a 2-core CPU (no training); GPU: not
-# measured yet.
+# **Run time** of this notebook, measured (generated from the recorded runs by
+# `make docs-tables`, never typed):
+#
+# <!-- runtime:start -->
+# <!-- runtime:end -->
 
 # %% [markdown]
 # ## Setup
@@ -123,9 +126,10 @@ print(f"conv trunk:  {trunk['parameters']:.1%} of parameters, {trunk['FLOPs per 
 #
 # That asymmetry is the whole story of this series in miniature:
 #
-# - **Memory** is dominated by the head. When weights do not fit on one device, split the
-#   big *matrices*: that is tensor parallelism (notebook 07), and it starts with the dense
-#   layers.
+# - **Weights** are dominated by the head. When the weights do not fit on one device,
+#   split the big *matrices*: that is tensor parallelism (notebook 07), and it starts with
+#   the dense layers. (Weights are not all of a step's memory: the next section counts the
+#   rest.)
 # - **Compute** is dominated by the trunk. When a step is too slow, split the *batch*
 #   (data parallelism, notebooks 02–05) or the *sequence of layers* (pipeline parallelism,
 #   notebook 06).
@@ -144,10 +148,20 @@ batch = 128
 p_bytes = total["param bytes"]
 print(f"forward FLOPs per image:          {total['FLOPs/image'] / 1e6:.1f} MFLOP")
 print(f"training FLOPs per batch of {batch}:  {3 * batch * total['FLOPs/image'] / 1e9:.2f} GFLOP")
+per_layer = table[table["layer"] != "TOTAL"].set_index("layer")["activation bytes/image"]
+trunk_acts = per_layer[~per_layer.index.isin(["dense1", "output"])].sum() / per_layer.sum()
 print(f"weights + gradients + Adam (m, v): {4 * p_bytes / 2**20:.2f} MiB")
 print(f"activations for a batch of {batch}:   {batch * total['activation bytes/image'] / 2**20:.2f} MiB")
+print(f"share of the activations in the trunk (convolutions, pooling, flatten): {trunk_acts:.1%}")
 
 # %% [markdown]
+# Compare the last three lines. At a batch of 128 the activations take several times the
+# memory of the whole training state, and almost all of them sit in the trunk's large
+# feature maps. So the head dominates the *weights*, but the trunk dominates a training
+# step's memory at this batch size: activations grow with the batch, weights do not.
+# Splitting the batch (data parallelism) or the layers (pipeline parallelism) shrinks the
+# activations per device; recomputing them (notebook 08) trades compute for that memory.
+#
 # ## A bigger model
 #
 # The seed model is tiny: it fits on any device many times over. Later notebooks use the
@@ -186,7 +200,7 @@ print(cifar.describe())
 
 # %%
 images = cifar.x_test[:8]
-probs = model(images.astype("float32") / 255.0, training=False).numpy()
+probs = model(data.to_float(images), training=False).numpy()
 fig, axes = plt.subplots(1, 8, figsize=(12, 2.2))
 for ax, img, label, p in zip(axes, images, cifar.y_test[:8], probs):
     ax.imshow(img)
@@ -207,24 +221,35 @@ print("each row sums to 1:", bool(np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
 # - The seed CNN has 356,810 parameters; `utils.models.layer_table()` counts parameters,
 #   FLOPs and bytes per layer, and agrees with Keras and with a hand count.
 # - The dense head holds most of the parameters; the convolutions do most of the
-#   arithmetic. Memory pressure points at tensor parallelism of the head, compute pressure
-#   at data or pipeline parallelism.
+#   arithmetic and hold most of the activations. Weights that do not fit point at tensor
+#   parallelism of the head; compute and activation memory point at data or pipeline
+#   parallelism.
 # - A training step costs about 3× the forward FLOPs, and Adam training keeps about four
 #   copies of the weights' size in memory, plus activations.
 # - Widening the model multiplies parameters by about the square of the width.
 #
 # ## Exercises
 #
-# 1. Compute by hand the FLOPs per image of `conv2` and check the table.
-# 2. What fraction of the parameters does `dense1` hold at width 4? Which single change to
-#    the architecture would shrink it most?
-# 3. Count the FLOPs of a `Conv2D(64, 3, padding="same")` on a 32×32×32 input with
-#    `utils.models.layer_table()` and compare with the formula.
+# **1.** Compute by hand the FLOPs per image of `conv2` and check the table.
+
+# %%
+# Try it: conv2 reads 32 channels through a 3x3 kernel; what is its output size?
+out_h = out_w = 15  # TODO: the right output size (the table's "output shape" column)
+print(2 * (3 * 3 * 32) * (out_h * out_w * 64), table.set_index("layer").loc["conv2", "FLOPs/image"])
 
 # %% jupyter={"source_hidden": true}
 # Solution 1: conv2 sees 32 channels through a 3x3 kernel and outputs 13x13x64 values.
 conv2_hand = 2 * (3 * 3 * 32) * (13 * 13 * 64)
 print(conv2_hand, table.set_index("layer").loc["conv2", "FLOPs/image"] == conv2_hand)
+
+# %% [markdown]
+# **2.** What fraction of the parameters does `dense1` hold at width 4? Which single
+# change to the architecture would shrink it most?
+
+# %%
+# Try it: build the width-4 model and read its layer table.
+t4 = models.layer_table(models.build_seed_cnn(width=4)).set_index("layer")
+print(t4[["params"]].T)
 
 # %% jupyter={"source_hidden": true}
 # Solution 2: dense1 holds most of the parameters because it sees the flattened 4x4x128 map.
@@ -232,10 +257,19 @@ t4 = models.layer_table(models.build_seed_cnn(width=4)).set_index("layer")
 print(f"dense1 share at width 4: {t4.loc['dense1', 'params'] / t4.loc['TOTAL', 'params']:.0%}")
 # Global average pooling instead of Flatten divides dense1's input by 16 (4x4 positions).
 
-# %% jupyter={"source_hidden": true}
-# Solution 3
+# %% [markdown]
+# **3.** Count the FLOPs of a `Conv2D(64, 3, padding="same")` on a 32×32×32 input with
+# `utils.models.layer_table()` and compare with the formula `models.conv2d_flops`.
+
+# %%
+# Try it: a one-layer model on a 32x32x32 input.
 import keras
 
+probe = keras.Sequential([keras.Input((32, 32, 32)), keras.layers.Conv2D(64, 3, padding="same")])
+print(models.layer_table(probe).loc[0, "FLOPs/image"])
+
+# %% jupyter={"source_hidden": true}
+# Solution 3
 probe = keras.Sequential([keras.Input((32, 32, 32)), keras.layers.Conv2D(64, 3, padding="same")])
 t = models.layer_table(probe)
 print(t.loc[0, "FLOPs/image"], models.conv2d_flops(32, 32, 32, 64, 3, 3))

@@ -63,6 +63,10 @@ def expected() -> dict[Path, str]:
     return files
 
 
+def shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def generated_now() -> list[Path]:
     return sorted(p for p in LESSONS.glob("*.py") if p.name != "__init__.py")
 
@@ -73,7 +77,7 @@ def main(argv: list[str]) -> int:
         stale = [p for p, text in want.items() if not p.exists() or p.read_text() != text]
         stale += [p for p in generated_now() if p not in want]
         for p in stale:
-            print(f"out of date: {p.relative_to(ROOT)} (run `make export`)")
+            print(f"out of date: {shown(p)} (run `make export`)")
         return 1 if stale else 0
     LESSONS.mkdir(exist_ok=True)
     for p in generated_now():
@@ -81,7 +85,7 @@ def main(argv: list[str]) -> int:
             p.unlink()
     for p, text in want.items():
         p.write_text(text)
-        print(f"wrote {p.relative_to(ROOT)}")
+        print(f"wrote {shown(p)}")
     return 0
 
 

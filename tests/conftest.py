@@ -29,3 +29,28 @@ DTENSOR_MODULES = ("test_tensor_parallel.py", "test_hybrid.py")
 
 def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: 0 if item.path.name in DTENSOR_MODULES else 1)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """With SERIES_SMOKE_TIMES=path set, write each notebook's nbval wall time (kernel start
+    and every cell, smoke mode) to that CSV: `make timings` without running the notebooks a
+    second time (copy it to docs/smoke_runtimes.csv, then `make docs-tables`)."""
+    target = os.environ.get("SERIES_SMOKE_TIMES")
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if not target or reporter is None:
+        return
+    import csv
+    from collections import defaultdict
+    from pathlib import Path
+
+    seconds: dict[str, float] = defaultdict(float)
+    for reports in reporter.stats.values():
+        for report in reports:
+            nodeid = getattr(report, "nodeid", "")
+            if nodeid.startswith("notebooks/") and hasattr(report, "duration"):
+                seconds[nodeid.split("::")[0].split("/")[-1]] += report.duration
+    with Path(target).open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["notebook", "smoke_seconds"])
+        for name in sorted(seconds):
+            writer.writerow([name, round(seconds[name], 1)])

@@ -80,3 +80,59 @@ def test_replica_threads_keep_the_total_near_the_cores():
     assert devices.replica_threads(1, cores=2) == (2, 2)
     with pytest.raises(ValueError):
         devices.replica_threads(0)
+
+
+def test_too_many_cpus_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv(devices.NUM_CPUS_ENV, "1000")
+    with pytest.raises(ValueError):
+        devices.requested_num_cpus()
+    assert devices.requested_num_cpus(devices.MAX_NUM_CPUS) == devices.MAX_NUM_CPUS
+    assert devices.replica_threads(2, cores=128) == (64, 2)  # core counts are not capped
+
+
+@pytest.mark.parametrize("bad", ["abc", "0", "5", "-1", "2.5"])
+def test_bad_gpu_split_is_a_clear_error(bad, monkeypatch):
+    monkeypatch.setenv(devices.NUM_GPUS_ENV, bad)
+    with pytest.raises(ValueError):
+        devices.requested_gpu_split()
+
+
+def test_gpu_split_request(monkeypatch):
+    monkeypatch.delenv(devices.NUM_GPUS_ENV, raising=False)
+    assert devices.requested_gpu_split() == 1
+    monkeypatch.setenv(devices.NUM_GPUS_ENV, " 3 ")
+    assert devices.requested_gpu_split() == 3
+    assert devices.requested_gpu_split(4) == 4
+
+
+def test_plan_splits_only_a_single_gpu():
+    assert devices.plan_gpus(0, None, 4).split == 0  # no GPU: logical CPUs
+    assert devices.plan_gpus(1, 16000, 1).split == 0  # no request: memory growth as before
+    several = devices.plan_gpus(2, 16000, 4)
+    assert several.split == 0 and "only splits a single GPU" in several.note
+    plan = devices.plan_gpus(1, 16000, 4)
+    assert (plan.split, plan.memory_mb) == (4, 3600)
+    assert plan.split * plan.memory_mb <= 16000 * devices.GPU_MEMORY_SHARE
+    unknown = devices.plan_gpus(1, None, 2)
+    assert unknown.memory_mb == int(devices.DEFAULT_GPU_MEMORY_MB * devices.GPU_MEMORY_SHARE / 2)
+
+
+def test_all_reduce_choice_for_logical_gpus():
+    gpu = [f"/job:localhost/replica:0/task:0/device:GPU:{i}" for i in range(3)]
+    cpu = [f"/job:localhost/replica:0/task:0/device:CPU:{i}" for i in range(3)]
+    assert devices.cross_device_ops_name(gpu, 3, 1) == "ReductionToOneDevice"  # one GPU split
+    assert devices.cross_device_ops_name(gpu[:2], 4, 1) == "ReductionToOneDevice"  # a subset
+    assert devices.cross_device_ops_name(gpu, 3, 3) is None  # real GPUs: NCCL (TF's default)
+    assert devices.cross_device_ops_name(cpu, 0, 0) is None  # logical CPUs: unchanged
+    assert hasattr(__import__("tensorflow").distribute, "ReductionToOneDevice")
+
+
+def test_strategy_on_this_machine_keeps_the_default_ops():
+    names = devices.compute_devices()[:2]
+    strategy = devices.make_strategy(names)
+    assert strategy.num_replicas_in_sync == len(names)
+
+
+def test_gpu_split_value_is_checked_in_setup():
+    out = run_py("from utils import devices\ndevices.setup_devices()", SERIES_NUM_GPUS="9")
+    assert out.returncode != 0 and "SERIES_NUM_GPUS" in out.stderr

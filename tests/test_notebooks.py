@@ -58,6 +58,38 @@ def test_skeleton(path):
     assert all(c["metadata"].get("jupyter", {}).get("source_hidden") for c in solutions), (
         f"{path.name}: solution cells should be collapsed (jupyter.source_hidden)"
     )
+    assert "<!-- runtime:start -->" in text, f"{path.name}: the Run time table must be the generated block"
+
+
+def first_line(cell: dict) -> str:
+    return "".join(cell["source"]).lstrip().split("\n", 1)[0]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_solution_follows_a_cell_to_try(path):
+    """Each exercise: a prompt, a cell to try (`# Try it`), then the collapsed solution."""
+    cells = [c for c in load(path)["cells"] if "".join(c["source"]).strip()]
+    for i, cell in enumerate(cells):
+        if cell["cell_type"] == "code" and first_line(cell).startswith("# Solution"):
+            before = cells[i - 1]
+            assert before["cell_type"] == "code" and first_line(before).startswith("# Try it"), (
+                f"{path.name}: '{first_line(cell)}' must follow a '# Try it' cell, not "
+                f"{before['cell_type']} '{first_line(before)[:40]}'"
+            )
+            assert not before["metadata"].get("jupyter", {}).get("source_hidden")
+
+
+# TensorFlow's start-up log must never reach a committed output (utils silences it).
+LOG_NOISE = ("absl::InitializeLog", "cuInit", "oneDNN custom operations", "cudart_stub")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_no_tensorflow_log_noise_in_outputs(path):
+    for cell in code_cells(load(path)):
+        for out in cell["outputs"]:
+            text = json.dumps(out)
+            found = [n for n in LOG_NOISE if n in text]
+            assert not found, f"{path.name}: TensorFlow log noise {found} in an output"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -90,8 +122,8 @@ def test_no_machine_paths_in_outputs(path):
 def test_paired_script_matches_notebook(path):
     import jupytext
 
-    script = path.with_suffix(".py")
-    assert script.exists(), f"{script.name} missing (jupytext pair)"
+    script = path.parent / "py" / path.with_suffix(".py").name
+    assert script.exists(), f"py/{script.name} missing (jupytext pair, see jupytext.toml)"
     from_py = jupytext.read(script)
     from_nb = jupytext.read(path)
     src = lambda nb: [(c.cell_type, c.source.strip()) for c in nb.cells]  # noqa: E731

@@ -6,7 +6,9 @@ for text that varies; the fragments between must appear in the real message, in 
 
 from __future__ import annotations
 
+import builtins
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -130,7 +132,56 @@ def busy_port(tmp: Path) -> str:
     return str(err.value)
 
 
+def too_many_cpus() -> str:
+    return run_py("from utils import devices\ndevices.setup_devices()", SERIES_NUM_CPUS="1000")
+
+
+def bad_num_gpus() -> str:
+    return run_py("from utils import devices\ndevices.setup_devices()", SERIES_NUM_GPUS="9")
+
+
+def gpu_check_no_gpu(tmp: Path) -> str:
+    env = {**os.environ, "PATH": str(tmp), "CUDA_VISIBLE_DEVICES": ""}  # no nvidia-smi on PATH
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--out", str(tmp / "r.md")],
+                         capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    return out.stdout + out.stderr
+
+
+class Trap:
+    """Pickles to a call of exec(): what a booby-trapped CIFAR-10 file would do."""
+
+    def __reduce__(self):
+        return builtins.exec, ("raise SystemExit('the trap ran')",)
+
+
+def cifar_refused(tmp: Path) -> str:
+    from utils import data
+
+    x, y, xt, yt, _ = data.make_synthetic(20, 10)
+    folder = data.write_official_layout(tmp, x, y, xt, yt)
+    (folder / "data_batch_1").write_bytes(pickle.dumps({b"labels": [0], b"data": Trap()}, protocol=4))
+    with pytest.raises(data.CifarFormatError) as err:
+        data.load_cifar10(folder)
+    return str(err.value)
+
+
+def cifar_checksum(tmp: Path) -> str:
+    from utils import data
+
+    x, y, xt, yt, _ = data.make_synthetic(20, 10)
+    archive = data.write_archive(data.write_official_layout(tmp, x, y, xt, yt), tmp / data.ARCHIVE_NAME)
+    archive.write_bytes(archive.read_bytes()[:1000])  # a truncated download
+    with pytest.raises(data.CifarFormatError) as err:
+        data.load_cifar10(archive)
+    return str(err.value)
+
+
 TRIGGERS: dict[str, Callable[..., str]] = {
+    "too-many-cpus": too_many_cpus,
+    "bad-num-gpus": bad_num_gpus,
+    "gpu-check-no-gpu": gpu_check_no_gpu,
+    "cifar-refused": cifar_refused,
+    "cifar-checksum": cifar_checksum,
     "keras3-multiworker-fit": keras3_multiworker_fit,
     "busy-port": busy_port,
     "devices-after-init": devices_after_init,

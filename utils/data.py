@@ -13,14 +13,23 @@
 
 Bad files get a :class:`CifarFormatError` that names the file. Paths are never printed in
 :meth:`Cifar10.describe`, so notebook outputs stay free of machine-specific paths.
+
+Data files are not trusted. The pickles are read by :class:`CifarUnpickler`, which builds
+only what the official files hold (dicts, lists, bytes, strings, numbers, NumPy arrays)
+and refuses anything else before it is created, so a crafted file cannot run code. An
+archive must match the official MD5, and every member's path is checked (no absolute
+paths, no ``..``, no links or devices); members are read in memory, never extracted.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import pickle
 import socket
 import tarfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +48,7 @@ CLASS_NAMES = (
     "dog", "frog", "horse", "ship", "truck",
 )  # fmt: skip
 OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
+ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"  # published on OFFICIAL_URL; None: no check
 DOWNLOAD_TIMEOUT_S = 30.0
 
 
@@ -80,13 +90,8 @@ class Cifar10:
     def counts_table(self) -> pd.DataFrame:
         """Images per class in the train and test splits."""
         k = len(self.class_names)
-        return pd.DataFrame(
-            {
-                "class": self.class_names,
-                "train": np.bincount(self.y_train, minlength=k),
-                "test": np.bincount(self.y_test, minlength=k),
-            }
-        )
+        train, test = (np.bincount(y, minlength=k) for y in (self.y_train, self.y_test))
+        return pd.DataFrame({"class": self.class_names, "train": train, "test": test})
 
     def describe(self) -> str:
         """A few lines on where the data came from, shapes and class balance (no paths)."""
@@ -119,21 +124,62 @@ def to_float(images: np.ndarray, dtype: str = "float32") -> np.ndarray:
         return images.astype(dtype) / np.asarray(255.0, dtype)
     return images.astype(dtype)
 
+
+class CifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds only what the official CIFAR-10 files contain.
+
+    Dicts, lists, bytes, strings and numbers need no class. NumPy arrays need the three
+    names below (``numpy.core`` in the official files, ``numpy._core`` when written by
+    NumPy 2). Any other class or function, the way a crafted pickle runs code, is refused
+    in :meth:`find_class`, i.e. before it is looked up, let alone called.
+    """
+
+    ALLOWED = frozenset({
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+    })  # fmt: skip
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self.ALLOWED:
+            raise _Refused(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+class _Refused(Exception):
+    """Raised by :class:`CifarUnpickler` for a name no CIFAR-10 file contains."""
+
+
+def safe_unpickle(raw: bytes, name: str) -> object:
+    """Unpickle ``raw`` (read from the file ``name``) with :class:`CifarUnpickler`.
+
+    Raises:
+        CifarFormatError: naming ``name``, for a refused pickle or a corrupt one.
+    """
+    try:
+        return CifarUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except _Refused as err:
+        raise CifarFormatError(
+            f"{name}: refused to load: the file asks for {err}, which no CIFAR-10 file contains "
+            "(only dicts, lists, bytes, numbers and NumPy arrays are loaded, so nothing in it "
+            f"ran). Do not use this copy: download CIFAR-10 again from {OFFICIAL_URL}."
+        ) from None
+    except Exception as err:  # pickle raises many types for corrupt input
+        raise CifarFormatError(
+            f"{name}: not a readable CIFAR-10 pickle ({type(err).__name__}: {err}). "
+            "The file is corrupt or incomplete: download it again."
+        ) from None
+
+
 def parse_batch(raw: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
     """Decode one pickled CIFAR-10 batch (official "python version" layout).
 
     Returns ``(images uint8 (N, 32, 32, 3), labels int64 (N,))``.
 
     Raises:
-        CifarFormatError: naming ``name`` if the pickle is corrupt or the layout is wrong.
+        CifarFormatError: naming ``name`` if the pickle is refused, corrupt or the layout
+            is wrong.
     """
-    try:
-        batch = pickle.loads(raw, encoding="bytes")
-    except Exception as err:  # pickle raises many types for corrupt input
-        raise CifarFormatError(
-            f"{name}: not a readable CIFAR-10 pickle ({type(err).__name__}: {err}). "
-            "The file is corrupt or incomplete: download it again."
-        ) from None
+    batch = safe_unpickle(raw, name)
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
         keys = sorted(batch)[:5] if isinstance(batch, dict) else type(batch).__name__
         raise CifarFormatError(
@@ -161,8 +207,8 @@ def parse_batch(raw: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 def parse_meta(raw: bytes, name: str) -> list[str]:
     """Decode ``batches.meta`` and return the class names."""
+    meta = safe_unpickle(raw, name)
     try:
-        meta = pickle.loads(raw, encoding="bytes")
         names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[b"label_names"]]
     except Exception as err:
         raise CifarFormatError(
@@ -201,26 +247,68 @@ def read_folder(folder: Path) -> tuple[np.ndarray, ...]:
     return _assemble(read, str(folder))
 
 
-def read_archive(archive: Path) -> tuple[np.ndarray, ...]:
-    """Read the official ``cifar-10-python.tar.gz`` without extracting it to disk."""
-    archive = Path(archive)
-    try:
-        tar = tarfile.open(archive, "r:*")
-    except (tarfile.TarError, OSError) as err:
+def check_md5(archive: Path) -> None:
+    """Compare the archive's MD5 with the official one (:data:`ARCHIVE_MD5`)."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(archive, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    if ARCHIVE_MD5 is not None and digest.hexdigest() != ARCHIVE_MD5:
         raise CifarFormatError(
-            f"{archive}: not a readable .tar.gz ({err}). Download it again from {OFFICIAL_URL}."
+            f"{archive}: MD5 checksum {digest.hexdigest()} is not the official {ARCHIVE_NAME}'s "
+            f"{ARCHIVE_MD5}: the file is incomplete or was altered. Download it again from "
+            f"{OFFICIAL_URL}, or point {CIFAR10_DIR_ENV} at an extracted '{FOLDER_NAME}' folder."
+        )
+
+
+_BROKEN = (tarfile.TarError, OSError, EOFError, zlib.error)  # what a damaged .tar.gz raises
+
+
+def read_archive(archive: Path) -> tuple[np.ndarray, ...]:
+    """Read the official ``cifar-10-python.tar.gz`` in memory, never extracting it to disk.
+
+    The checksum comes first; then every member must pass :func:`tarfile.data_filter`
+    (what ``extractall(filter="data")`` checks), so nothing would land outside a target.
+    """
+    archive = Path(archive)
+    check_md5(archive)
+    try:
+        tar = tarfile.open(archive, "r:gz")
+        with tar:
+            members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+            for m in tar.getmembers():
+                _check_member(m, archive)
+
+            def read(name: str) -> bytes:
+                if name not in members:
+                    raise CifarFormatError(
+                        f"{archive}: archive has no file {name!r}; it is not the official "
+                        f"{ARCHIVE_NAME}. Download it again from {OFFICIAL_URL}."
+                    )
+                return tar.extractfile(members[name]).read()  # type: ignore[union-attr]
+
+            return _assemble(read, str(archive))
+    except _BROKEN as err:
+        raise CifarFormatError(
+            f"{archive}: not a readable .tar.gz ({type(err).__name__}: {err}). The file is "
+            f"corrupt or incomplete: download it again from {OFFICIAL_URL}."
         ) from None
-    with tar:
-        members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
 
-        def read(name: str) -> bytes:
-            if name not in members:
-                raise CifarFormatError(f"{archive}: archive has no file {name!r}.")
-            handle = tar.extractfile(members[name])
-            assert handle is not None
-            return handle.read()
 
-        return _assemble(read, str(archive))
+def _check_member(member: tarfile.TarInfo, archive: Path) -> None:
+    """Refuse absolute paths and ``..`` (which the data filter would only strip), links
+    pointing outside, devices and other special files."""
+    bad = member.name.startswith(("/", "\\")) or ".." in Path(member.name).parts
+    problem = "absolute path or '..'" if bad else ""
+    try:
+        tarfile.data_filter(member, "/nonexistent-target")
+    except tarfile.FilterError as err:
+        problem = str(err)
+    if problem:
+        raise CifarFormatError(
+            f"{archive}: refused: member {member.name!r} is unsafe ({problem}). The official "
+            f"archive has no such member: download it again from {OFFICIAL_URL}."
+        )
 
 
 def read_local(path: Path) -> tuple[tuple[np.ndarray, ...], str]:
@@ -253,13 +341,8 @@ def _download() -> tuple[np.ndarray, ...]:
         (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
     finally:
         socket.setdefaulttimeout(previous)
-    return (
-        x_train,
-        y_train.reshape(-1).astype(np.int64),
-        x_test,
-        y_test.reshape(-1).astype(np.int64),
-        list(CLASS_NAMES),
-    )
+    flat = (y_train.reshape(-1).astype(np.int64), y_test.reshape(-1).astype(np.int64))
+    return x_train, flat[0], x_test, flat[1], list(CLASS_NAMES)
 
 
 # --------------------------------------------------------------------------- synthetic data
@@ -304,17 +387,13 @@ def write_batch(path: Path, images: np.ndarray, labels: np.ndarray, batch_label:
         b"data": rows.astype(np.uint8),
         b"filenames": [f"img_{i:05d}.png".encode() for i in range(len(images))],
     }
-    Path(path).write_bytes(pickle.dumps(batch, protocol=2))
+    Path(path).write_bytes(pickle.dumps(batch, protocol=4))
 
 
 def write_official_layout(
-    folder: Path,
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    x_test: np.ndarray,
-    y_test: np.ndarray,
-    class_names: list[str] | tuple[str, ...] = CLASS_NAMES,
-) -> Path:
+    folder: Path, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
+    y_test: np.ndarray, class_names: list[str] | tuple[str, ...] = CLASS_NAMES,
+) -> Path:  # fmt: skip
     """Write arrays as a ``cifar-10-batches-py`` folder inside ``folder``; return its path.
 
     Used by the tests (a miniature archive) and handy for making offline copies.
@@ -325,12 +404,16 @@ def write_official_layout(
         write_batch(target / f"data_batch_{i}", xs, ys, f"training batch {i} of 5")
     write_batch(target / TEST_FILE, x_test, y_test, "testing batch 1 of 1")
     meta = {b"label_names": [n.encode() for n in class_names], b"num_cases_per_batch": len(y_test)}
-    (target / META_FILE).write_bytes(pickle.dumps(meta, protocol=2))
+    (target / META_FILE).write_bytes(pickle.dumps(meta, protocol=4))
     return target
 
 
 def write_archive(folder: Path, archive: Path) -> Path:
-    """Pack a ``cifar-10-batches-py`` folder into a ``.tar.gz`` like the official one."""
+    """Pack a ``cifar-10-batches-py`` folder into a ``.tar.gz`` laid out like the official one.
+
+    Its MD5 is not the official one, so :func:`load_cifar10` refuses it unless
+    :data:`ARCHIVE_MD5` is changed (the tests do); share offline copies as folders.
+    """
     archive = Path(archive)
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(folder, arcname=FOLDER_NAME)
@@ -338,9 +421,7 @@ def write_archive(folder: Path, archive: Path) -> Path:
 
 
 # --------------------------------------------------------------------------- the loader
-def _subset(
-    arrays: tuple[np.ndarray, ...], n_train: int | None, n_test: int | None
-) -> tuple[np.ndarray, ...]:
+def _subset(arrays: tuple[np.ndarray, ...], n_train: int | None, n_test: int | None) -> tuple:
     x_train, y_train, x_test, y_test, names = arrays
     for n, what in ((n_train, "n_train"), (n_test, "n_test")):
         if n is not None and n < 1:
@@ -410,16 +491,7 @@ def load_cifar10(
 
     full_sizes = (len(arrays[0]), len(arrays[2]))
     x_train, y_train, x_test, y_test, names = _subset(arrays, n_train, n_test)
-    return Cifar10(
-        x_train=x_train,
-        y_train=y_train,
-        x_test=x_test,
-        y_test=y_test,
-        class_names=list(names),
-        source=source,
-        origin=origin,
-        full_sizes=full_sizes,
-    )
+    return Cifar10(x_train, y_train, x_test, y_test, list(names), source, origin, full_sizes)
 
 
 def load_for_mode(**kwargs: object) -> Cifar10:
