@@ -273,6 +273,22 @@ def render_report(
 
 
 # --------------------------------------------------------------------------- main
+def write_gpu_times(results: list[dict], path: Path = ROOT / "docs" / "gpu_runtimes.csv") -> None:
+    """The GPU column of the run-time tables (`make docs-tables` reads it): smoke seconds of
+    every notebook that passed, merged with what an earlier `--only` run recorded."""
+    import csv
+
+    times = {}
+    if path.exists():
+        with path.open() as f:
+            times = {row["notebook"]: row["smoke_seconds"] for row in csv.DictReader(f)}
+    times.update({f"{r['notebook']}.ipynb": round(r["seconds"], 1) for r in results if r["ok"]})
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["notebook", "smoke_seconds"])
+        writer.writerows(sorted(times.items()))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPORT, help="report path")
@@ -320,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     BENCH_DIR.mkdir(exist_ok=True)
     raw = {"machine": machine, "notebooks": results, "mixed_precision": mixed, "date": date}
     (BENCH_DIR / "gpu-check.json").write_text(json.dumps(raw, indent=1))
-    print(f"wrote {args.out} and {BENCH_DIR.name}/gpu-check.json", flush=True)
+    write_gpu_times(results)
+    print(f"wrote {args.out}, docs/gpu_runtimes.csv and {BENCH_DIR.name}/gpu-check.json", flush=True)
     ok = all(r["ok"] for r in results) and mixed.get("finite", False)
     return 0 if ok else 1
 

@@ -159,3 +159,13 @@ def test_main_runs_every_notebook_and_writes_the_report(gpu_check, tmp_path, mon
     text = out.read_text()
     assert f"{len(stems)} of {len(stems)} notebooks passed" in text and "Not run: skipped" in text
     assert (tmp_path / "bench-results" / "gpu-check.json").is_file()
+
+
+def test_gpu_times_feed_the_run_time_tables(gpu_check, tmp_path, monkeypatch):
+    from utils import series
+
+    path = tmp_path / "gpu_runtimes.csv"
+    gpu_check.write_gpu_times([{"notebook": "02_x", "ok": True, "seconds": 12.34},
+                               {"notebook": "03_y", "ok": False, "seconds": 5.0}], path)
+    gpu_check.write_gpu_times([{"notebook": "06_z", "ok": True, "seconds": 61.0}], path)
+    assert series.smoke_seconds(path) == {"02_x.ipynb": 12.3, "06_z.ipynb": 61.0}
