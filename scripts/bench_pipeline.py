@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"benchmark wall time {time.perf_counter() - start:.0f} s")
     if args.json:
         print(json.dumps({"mode": config.get_mode(), **ratios,
-                          **{f"{r.feed} img/s": round(r.best_images_per_s) for r in results}}))
+                          **{f"{r.feed} img/s": round(r.rate(min(r.seconds))) for r in results}}))
     return 0
 
 

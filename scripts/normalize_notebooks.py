@@ -12,7 +12,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
-JUPYTEXT = {"cell_metadata_filter": "tags,jupyter,-all"}
+# Paired with notebooks/py/NAME.py (jupytext.toml says the same for new notebooks).
+JUPYTEXT = {
+    "cell_metadata_filter": "tags,jupyter,-all",
+    "formats": "ipynb,py//py:percent",
+    "notebook_metadata_filter": "kernelspec,jupytext,-jupytext.text_representation.jupytext_version",
+}
 
 
 def normalize(path: Path) -> bool:

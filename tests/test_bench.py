@@ -42,16 +42,24 @@ def test_peak_flops_hand_count():
         bench.peak_flops(0, 2.6, 256)
 
 
-def test_throughput_callback_counts_only_after_warmup():
+def test_fit_throughput_times_only_after_warmup():
     model = models.build_seed_cnn(width=0.25)
     model.compile("sgd", "sparse_categorical_crossentropy")
     x = np.random.rand(64, 32, 32, 3).astype("float32")
     y = np.random.randint(0, 10, 64)
-    ips = bench.fit_throughput(model, x, y, batch_size=8, steps=4, warmup=3)
-    assert ips > 0
-    cb = bench.ThroughputCallback(8, warmup=100)
-    with pytest.raises(RuntimeError, match="needs more than warmup"):
-        _ = cb.images_per_s
+    assert bench.fit_throughput(model, x, y, batch_size=8, steps=4, warmup=3) > 0
+    with pytest.raises(RuntimeError):  # every batch was a warm-up batch: nothing timed
+        bench.fit_throughput(model, x, y, batch_size=8, steps=0, warmup=3)
+
+
+def test_time_interleaved_runs_each_function_after_a_warmup():
+    calls = {"a": 0, "b": 0}
+
+    def bump(name):
+        calls[name] += 1
+
+    ms = bench.time_interleaved({"a": lambda: bump("a"), "b": lambda: bump("b")}, repeats=3)
+    assert calls == {"a": 4, "b": 4} and set(ms) == {"a", "b"} and min(ms.values()) >= 0
 
 
 def test_machine_info_has_the_recorded_fields():

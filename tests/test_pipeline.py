@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from utils import data, pipeline
+from utils import data
+from utils.lessons import cifar10_pipeline as P
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +16,7 @@ def tiny():
 
 def test_eval_pipeline_normalises_without_augmenting(tiny):
     x, y = tiny
-    batches = list(pipeline.make_dataset(x, y, 32, training=False))
+    batches = list(P.make_dataset(x, y, 32, training=False))
     assert [len(b[1]) for b in batches] == [32, 32, 32, 4]  # keeps the remainder
     xb, yb = batches[0]
     assert xb.dtype == tf.float32 and xb.shape == (32, 32, 32, 3)
@@ -25,21 +26,21 @@ def test_eval_pipeline_normalises_without_augmenting(tiny):
 
 def test_training_pipeline_shuffles_augments_and_drops_remainder(tiny):
     x, y = tiny
-    ds = pipeline.make_dataset(x, y, 32, training=True, seed=3)
+    ds = P.make_dataset(x, y, 32, training=True, seed=3)
     sizes = [len(b[1]) for b in ds]
     assert sizes == [32, 32, 32]
-    xb, yb = next(iter(pipeline.make_dataset(x, y, 32, training=True, seed=3)))
+    xb, yb = next(iter(P.make_dataset(x, y, 32, training=True, seed=3)))
     assert not np.array_equal(yb.numpy(), y[:32])  # shuffled
     assert float(tf.reduce_min(xb)) >= 0.0 and float(tf.reduce_max(xb)) <= 1.0
     # Same seed, same first batch: the pipeline is reproducible.
-    xb2, yb2 = next(iter(pipeline.make_dataset(x, y, 32, training=True, seed=3)))
+    xb2, yb2 = next(iter(P.make_dataset(x, y, 32, training=True, seed=3)))
     np.testing.assert_array_equal(yb.numpy(), yb2.numpy())
     np.testing.assert_allclose(xb.numpy(), xb2.numpy())
 
 
 def test_augment_is_a_crop_or_flip_of_the_padded_image():
     img = tf.reshape(tf.range(2 * 8 * 8 * 1, dtype=tf.float32), (2, 8, 8, 1))
-    out = pipeline.augment_batch(img, tf.constant([1, 2], tf.int64), pad=2)
+    out = P.augment_batch(img, tf.constant([1, 2], tf.int64), pad=2)
     assert out.shape == img.shape
     padded = tf.pad(img, [[0, 0], [2, 2], [2, 2], [0, 0]], mode="REFLECT").numpy()
     for i in range(2):
@@ -71,7 +72,7 @@ def test_augment_equals_pad_crop_flip_reference(dtype):
     rng = np.random.default_rng(0)
     images = tf.constant(rng.integers(0, 256, (64, 6, 9, 3)), dtype)  # not square: rows/cols kept apart
     seed = tf.constant([5, 7], tf.int64)
-    out = pipeline.augment_batch(images, seed, pad=3)
+    out = P.augment_batch(images, seed, pad=3)
     expected, offsets, flip = _reference_augment(images, seed, pad=3)
     assert out.dtype == dtype and out.shape == images.shape
     np.testing.assert_array_equal(out.numpy(), expected)
@@ -87,16 +88,16 @@ def test_every_epoch_is_a_fresh_permutation_of_all_images():
     n = 100
     x = np.zeros((n, 4, 4, 3), np.uint8)
     y = np.arange(n)  # labels = image ids
-    ds = pipeline.make_dataset(x, y, 16, training=True, augment=False, drop_remainder=False, seed=1)
+    ds = P.make_dataset(x, y, 16, training=True, augment=False, drop_remainder=False, seed=1)
     assert int(ds.cardinality()) == 7  # 6 full batches + the remainder, known in advance
     first, second = _epoch_labels(ds), _epoch_labels(ds)
     assert sorted(first) == list(range(n)) and sorted(second) == list(range(n))
     assert not np.array_equal(first, second)  # reshuffled for the second epoch
     # Reproducible: a new pipeline with the same seed repeats the same epochs.
-    again = pipeline.make_dataset(x, y, 16, training=True, augment=False, drop_remainder=False, seed=1)
+    again = P.make_dataset(x, y, 16, training=True, augment=False, drop_remainder=False, seed=1)
     np.testing.assert_array_equal(_epoch_labels(again), first)
     np.testing.assert_array_equal(_epoch_labels(again), second)
-    other = pipeline.make_dataset(x, y, 16, training=True, augment=False, drop_remainder=False, seed=2)
+    other = P.make_dataset(x, y, 16, training=True, augment=False, drop_remainder=False, seed=2)
     assert not np.array_equal(_epoch_labels(other), first)
 
 
@@ -104,7 +105,7 @@ def test_training_batches_are_augmented_copies_of_their_own_images():
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
     y = np.arange(40)
-    ds = pipeline.make_dataset(x, y, 8, training=True, seed=0)
+    ds = P.make_dataset(x, y, 8, training=True, seed=0)
     padded = np.pad(x, [(0, 0), (4, 4), (4, 4), (0, 0)], mode="reflect").astype(np.float32) / 255.0
     flipped = 0
     for xb, yb in ds:
@@ -120,7 +121,7 @@ def test_training_batches_are_augmented_copies_of_their_own_images():
 def test_pipeline_runs_under_another_device_and_a_strategy():
     x, y, *_ = data.make_synthetic(64, 8, seed=0)
     with tf.device("/cpu:1"):
-        ds = pipeline.make_dataset(x, y, 16, training=True)
+        ds = P.make_dataset(x, y, 16, training=True)
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     dist = strategy.experimental_distribute_dataset(ds)
     epochs = []
@@ -129,33 +130,3 @@ def test_pipeline_runs_under_another_device_and_a_strategy():
         assert [len(b) for b in labels] == [16] * 4
         epochs.append(np.concatenate(labels))
     assert not np.array_equal(*epochs)
-
-
-def test_in_memory_batches_are_the_ceiling_feed(tiny):
-    x, y = tiny
-    batches = pipeline.in_memory_batches(x, y, 25)
-    assert len(batches) == 4 and batches[0][0].dtype == tf.float32
-
-
-@pytest.mark.parametrize(
-    "kwargs, msg",
-    [({"batch_size": 0}, "batch_size"), ({"y": np.zeros(3)}, "labels"), ({"x": np.zeros((5, 3))}, "shape")],
-)
-def test_bad_input(tiny, kwargs, msg):
-    x, y = tiny
-    args = {"x": x, "y": y, "batch_size": 8, **kwargs}
-    if "x" in kwargs:
-        args["y"] = np.zeros(5)
-    with pytest.raises(ValueError, match=msg):
-        pipeline.make_dataset(args["x"], args["y"], args["batch_size"], training=True)
-
-
-def test_classic_pipeline_gives_the_same_kind_of_batches(tiny):
-    x, y = tiny
-    ds = pipeline.make_classic_dataset(x, y, 32, seed=3)
-    batches = list(ds)
-    assert [len(b[1]) for b in batches] == [32, 32, 32]
-    assert batches[0][0].dtype == tf.float32 and batches[0][0].shape == (32, 32, 32, 3)
-    assert float(tf.reduce_max(batches[0][0])) <= 1.0
-    with pytest.raises(ValueError, match="labels"):
-        pipeline.make_classic_dataset(x, y[:5], 32)

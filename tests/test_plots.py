@@ -49,23 +49,13 @@ def test_image_grid_marks_wrong_predictions_red():
     assert colors[1] == red and colors[0] != red and colors[2] != red
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({"labels": [0, 1]}, "3 images but 2 labels"),
-        ({"labels": [0, 1, 7]}, "label 7 is outside"),
-        ({"x": np.zeros((3, 8, 8))[..., None].repeat(2, -1)}, "shape"),
-        ({"x": images(3, np.float32) * 255}, r"\[0, 1\]"),
-        ({"ncols": 0}, "ncols"),
-        ({"predictions": [0]}, "predictions"),
-    ],
-)
-def test_image_grid_bad_input(kwargs, match):
-    args = {"x": images(3), "labels": [0, 1, 2], **kwargs}
-    x = args.pop("x")
-    labels = args.pop("labels")
-    with pytest.raises(ValueError, match=match):
-        plots.image_grid(x, labels, NAMES, **args)
+def test_image_grid_bad_input():
+    with pytest.raises(ValueError):
+        plots.image_grid(images(3), [0, 1], NAMES)  # fewer labels than images
+    with pytest.raises(ValueError):
+        plots.image_grid(images(3, np.float32) * 255, [0, 1, 2], NAMES)  # floats outside [0, 1]
+    with pytest.raises(ValueError):
+        plots.image_grid(np.zeros((3, 8, 8, 2)), [0, 1, 2], NAMES)  # not 1 or 3 channels
 
 
 def test_training_curves_from_dict_and_frame():
@@ -80,13 +70,9 @@ def test_training_curves_from_dict_and_frame():
     np.testing.assert_array_equal(fig2.axes[0].lines[0].get_xdata(), [5, 6, 7])
 
 
-def test_training_curves_errors():
-    with pytest.raises(ValueError, match="not in history"):
+def test_training_curves_missing_metric():
+    with pytest.raises(ValueError):
         plots.training_curves({"loss": [1.0]}, metrics=("accuracy",))
-    with pytest.raises(TypeError, match="keras History"):
-        plots.training_curves([1, 2, 3])
-    with pytest.raises(ValueError, match="empty"):
-        plots.training_curves(pd.DataFrame({"loss": []}), metrics=("loss",))
 
 
 def test_bar_chart():
@@ -94,8 +80,6 @@ def test_bar_chart():
     ax = fig.axes[0]
     assert [p.get_width() for p in ax.patches] == [10.0, 30.0]
     assert len(ax.lines) == 1  # the reference line
-    with pytest.raises(ValueError, match="finite"):
-        plots.bar_chart({"a": float("nan")})
 
 
 def test_confusion_matrix_plot_normalises_rows():
@@ -104,16 +88,15 @@ def test_confusion_matrix_plot_normalises_rows():
     shown = fig.axes[0].images[0].get_array()
     np.testing.assert_allclose(shown.sum(axis=1), [1, 1, 1])
     assert shown[0, 0] == pytest.approx(0.75)
-    with pytest.raises(ValueError, match="3x3"):
+    with pytest.raises(ValueError):
         plots.confusion_matrix_plot(np.ones((2, 2)), NAMES)
 
 
-def test_reliability_diagram_ece():
-    conf = np.array([0.95, 0.95, 0.55, 0.55])
-    correct = np.array([True, True, True, False])
-    fig, table = plots.reliability_diagram(conf, correct, n_bins=10)
-    assert table["count"].sum() == 4
-    # bin 0.9-1.0: conf 0.95, acc 1.0 -> gap 0.05; bin 0.5-0.6: conf 0.55, acc 0.5 -> gap 0.05
-    assert table.attrs["ece"] == pytest.approx(0.05)
-    with pytest.raises(ValueError, match="probabilities"):
-        plots.reliability_diagram(np.array([1.5]), np.array([True]))
+def test_reliability_diagram_draws_the_bins():
+    bins = pd.DataFrame({"lower": [0.0, 0.5], "upper": [0.5, 1.0], "count": [0, 4],
+                         "confidence": [np.nan, 0.8], "accuracy": [np.nan, 0.75]})
+    fig = plots.reliability_diagram(bins, title="calibration")
+    ax = fig.axes[0]
+    assert [p.get_height() for p in ax.patches] == [0.0, 0.75]  # an empty bin draws no bar
+    assert [p.get_width() for p in ax.patches] == [0.5, 0.5]
+    assert ax.get_title() == "calibration"

@@ -103,18 +103,22 @@ def jupyter_root(tmp: Path) -> str:
 
 
 def keras3_multiworker_fit(tmp: Path) -> str:
+    from test_cluster import notebook_files
+
     from utils import cluster
 
-    args = ["--out-dir", str(tmp / "out"), "--mode", "fit-keras3", "--epochs", "1", "--global-batch", "32",
+    args = ["--out-dir", str(tmp / "out"), "--epochs", "1", "--global-batch", "32",
             "--n-train", "128", "--n-test", "32", "--data", "synthetic", "--width", "0.25"]  # fmt: skip
     with pytest.raises(cluster.WorkerFailed) as err:
-        cluster.run_cluster(2, args, module="utils.worker_train", workdir=tmp / "logs", timeout=300,
-                            failure_grace=30, quiet=True)  # fmt: skip
+        cluster.run_cluster(2, args, script=notebook_files(tmp)["worker_fit.py"], workdir=tmp / "logs",
+                            timeout=300, failure_grace=30, quiet=True)  # fmt: skip
     return err.value.result.log(0)
 
 
 def busy_port(tmp: Path) -> str:
     import socket
+
+    from test_cluster import notebook_files
 
     from utils import cluster
 
@@ -123,7 +127,7 @@ def busy_port(tmp: Path) -> str:
         s.listen()
         busy = s.getsockname()[1]
         launcher = cluster.LocalCluster(
-            2, ["--help"], module="utils.worker_train", ports=[busy, cluster.free_ports(1)[0]],
+            2, ["--help"], script=notebook_files(tmp)["worker.py"], ports=[busy, cluster.free_ports(1)[0]],
             isolate=False, allow_exposed=True, quiet=True, workdir=tmp,
         )  # fmt: skip
         with pytest.raises(cluster.PortBusyError) as err, pytest.warns(cluster.ExposedClusterWarning):

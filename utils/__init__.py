@@ -6,8 +6,9 @@ from every notebook, from nbval and from pytest, wherever JupyterLab was started
 
 ``utils`` holds what the notebooks should not spend cells on: modes (``config``), devices,
 CIFAR-10 loading (``data``), the seed model (``models``), plots, the memory calculator
-(``memory``), the local cluster launcher (``cluster``), benchmark helpers (``bench``) and
-the run-time tables (``series``). The algorithms live in the notebooks; what a later
+(``memory``), the local cluster launcher (``cluster``), benchmark helpers (``bench``,
+``throughput``), LiteRT conversion and file sizes (``compression``) and the run-time tables
+(``series``). The algorithms live in the notebooks; what a later
 notebook reuses is exported from them into ``utils.lessons`` (generated, never edited).
 
 Importing ``utils`` first also keeps TensorFlow's start-up log out of the notebooks: it sets

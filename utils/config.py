@@ -17,9 +17,9 @@ import logging
 import os
 import random
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from collections.abc import Iterator
 from typing import TypeVar
 
 import numpy as np

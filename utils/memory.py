@@ -56,34 +56,14 @@ from functools import lru_cache
 import pandas as pd
 
 GB = 1e9
-GIB = 2**30
 
-OPTIMIZERS = ("sgd", "momentum", "adam")
-PRECISIONS = ("fp32", "mixed", "keras_mixed")
-RECOMPUTE = ("none", "full", "sqrt")
-SCHEDULES = ("1f1b", "gpipe")
 STRATEGIES = ("data", "zero1", "zero2", "zero3", "tensor", "pipeline")
 
 _SLOTS = {"sgd": 0, "momentum": 1, "adam": 2}
 
 
-def _check_choice(what: str, value: str, allowed: Sequence[str]) -> str:
-    if not isinstance(value, str) or value.lower() not in allowed:
-        raise ValueError(
-            f"Unknown {what} {value!r}; choose one of {', '.join(map(repr, allowed))}."
-        )
-    return value.lower()
-
-
-def _check_positive_int(what: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{what} must be a whole number >= {minimum}, got {value!r}.")
-    return value
-
-
 def bytes_per_param(precision: str) -> tuple[int, int]:
     """Bytes of one parameter and of one gradient value under ``precision``."""
-    precision = _check_choice("precision", precision, PRECISIONS)
     return (2, 2) if precision == "mixed" else (4, 4)
 
 
@@ -95,15 +75,12 @@ def optimizer_bytes_per_param(optimizer: str, precision: str) -> int:
     >>> optimizer_bytes_per_param("sgd", "fp32")
     0
     """
-    optimizer = _check_choice("optimizer", optimizer, OPTIMIZERS)
-    precision = _check_choice("precision", precision, PRECISIONS)
     master = 4 if precision == "mixed" else 0
     return master + 4 * _SLOTS[optimizer]
 
 
 def activation_bytes_per_value(precision: str) -> int:
     """Bytes of one stored activation value: 4 in fp32, 2 under either mixed precision."""
-    precision = _check_choice("precision", precision, PRECISIONS)
     return 4 if precision == "fp32" else 2
 
 
@@ -132,15 +109,6 @@ class LayerSpec:
     boundary: float | None = None
     tensor_parallel: bool = True
     replicated_activations: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.params < 0 or self.activations < 0 or self.replicated_activations < 0:
-            raise ValueError(f"Layer {self.name!r}: sizes must be >= 0.")
-        if self.replicated_activations > self.activations:
-            raise ValueError(
-                f"Layer {self.name!r}: replicated_activations ({self.replicated_activations}) "
-                f"cannot exceed activations ({self.activations})."
-            )
 
     @property
     def checkpoint(self) -> float:
@@ -172,10 +140,6 @@ class ModelSpec:
     name: str
     layers: tuple[LayerSpec, ...]
     max_tensor_parallel: int | None = None
-
-    def __post_init__(self) -> None:
-        if not self.layers:
-            raise ValueError(f"Model {self.name!r} has no layers.")
 
     @property
     def n_params(self) -> int:
@@ -213,9 +177,7 @@ def spec_from_keras(
     """
     tp_names = set(tensor_parallel_layers)
     layers = []
-    known = set()
     for layer in model.layers:  # type: ignore[attr-defined]
-        known.add(layer.name)
         values = math.prod(int(d) for d in layer.output.shape[1:])
         layers.append(
             LayerSpec(
@@ -225,21 +187,7 @@ def spec_from_keras(
                 tensor_parallel=layer.name in tp_names,
             )
         )
-    unknown = tp_names - known
-    if unknown:
-        raise ValueError(
-            f"tensor_parallel_layers {sorted(unknown)} are not layers of the model; it has {sorted(known)}."
-        )
     return ModelSpec(name or model.name, tuple(layers))  # type: ignore[attr-defined]
-
-
-def transformer_block_params(d_model: int, d_ff: int | None = None) -> int:
-    """Parameters of one pre-norm decoder block: attention (4h^2+4h), MLP, two layer norms."""
-    d_ff = 4 * d_model if d_ff is None else d_ff
-    attention = 4 * d_model * d_model + 4 * d_model
-    mlp = 2 * d_model * d_ff + d_ff + d_model
-    norms = 4 * d_model
-    return attention + mlp + norms
 
 
 def transformer_spec(
@@ -260,28 +208,17 @@ def transformer_spec(
     ``5 s h`` (layer-norm inputs, block inputs, dropout masks) is not split by tensor
     parallelism without sequence parallelism. A checkpoint keeps the block input, ``s h``.
     The LM head keeps the logits, ``s V`` values (vocabulary-parallel under ``tp``).
-
-    Raises:
-        ValueError: for non-positive sizes or ``d_model`` not divisible by ``n_heads``.
     """
-    for what, v in [
-        ("n_layers", n_layers),
-        ("d_model", d_model),
-        ("n_heads", n_heads),
-        ("seq_len", seq_len),
-        ("vocab_size", vocab_size),
-    ]:
-        _check_positive_int(what, v)
-    if d_model % n_heads:
-        raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}.")
-    d_ff = 4 * d_model if d_ff is None else _check_positive_int("d_ff", d_ff)
+    d_ff = 4 * d_model if d_ff is None else d_ff
     s, h, a = seq_len, d_model, n_heads
+    # per block: attention 4h^2 + 4h, MLP 2 h d_ff + d_ff + h, two layer norms 4h
+    block_params = (4 * h * h + 4 * h) + (2 * h * d_ff + d_ff + h) + 4 * h
     embed = LayerSpec("embedding", vocab_size * h + s * h, float(s * h))
     block_acts = 9 * s * h + 2 * s * d_ff + 2.5 * a * s * s
     blocks = [
         LayerSpec(
             f"block{i + 1}",
-            transformer_block_params(h, d_ff),
+            block_params,
             block_acts,
             boundary=float(s * h),
             replicated_activations=float(5 * s * h),
@@ -309,24 +246,10 @@ class Layout:
     pp: int = 1
     zero: int = 0
 
-    def __post_init__(self) -> None:
-        for what in ("dp", "tp", "pp"):
-            _check_positive_int(what, getattr(self, what))
-        if self.zero not in (0, 1, 2, 3):
-            raise ValueError(f"zero must be 0 (off), 1, 2 or 3, got {self.zero!r}.")
-
     @property
     def devices(self) -> int:
         """Total number of devices, ``dp * tp * pp``."""
         return self.dp * self.tp * self.pp
-
-    def check_devices(self, n_devices: int) -> None:
-        """Raise a clear error when the layout does not use exactly ``n_devices`` devices."""
-        if self.devices != n_devices:
-            raise ValueError(
-                f"Layout {self} needs dp*tp*pp = {self.dp}*{self.tp}*{self.pp} = {self.devices} "
-                f"devices, but {n_devices} are available. Pick factors whose product is {n_devices}."
-            )
 
     def __str__(self) -> str:
         zero = f", ZeRO-{self.zero}" if self.zero else ""
@@ -356,28 +279,6 @@ class Training:
     recompute: str | int = "none"
     pipeline_schedule: str = "1f1b"
     num_microbatches: int | None = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(
-            self, "optimizer", _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        )
-        object.__setattr__(
-            self, "precision", _check_choice("precision", self.precision, PRECISIONS)
-        )
-        object.__setattr__(
-            self,
-            "pipeline_schedule",
-            _check_choice("pipeline_schedule", self.pipeline_schedule, SCHEDULES),
-        )
-        _check_positive_int("micro_batch", self.micro_batch)
-        if isinstance(self.recompute, str):
-            object.__setattr__(
-                self, "recompute", _check_choice("recompute", self.recompute, RECOMPUTE)
-            )
-        else:
-            _check_positive_int("recompute (number of segments)", self.recompute)
-        if self.num_microbatches is not None:
-            _check_positive_int("num_microbatches", self.num_microbatches)
 
 
 @dataclass(frozen=True)
@@ -449,31 +350,46 @@ def activation_values(
     return in_flight * checkpoints + peak_segment
 
 
-@lru_cache(maxsize=256)
-def _partition(weights: tuple[float, ...], parts: int) -> tuple[tuple[int, int], ...]:
-    """Split ``weights`` into ``parts`` contiguous non-empty groups minimising the largest sum."""
-    n = len(weights)
+def partition(costs: Sequence[float], num_stages: int) -> list[int]:
+    """Cut a chain of layers with ``costs`` into ``num_stages`` contiguous, non-empty stages.
+
+    Minimises the cost of the most expensive stage (the pipeline's bottleneck), then the
+    sum of squared stage costs (balance), then prefers stages that start with a layer of
+    non-zero cost (so a pooling layer stays with the convolution before it).
+
+    Returns:
+        The index of the first layer of each stage (``[0, ...]``, length ``num_stages``).
+    """
+    n = len(costs)
+    if not 1 <= num_stages <= n:
+        raise ValueError(
+            f"Cannot cut {n} layers into {num_stages} non-empty stages; use 1 <= num_stages <= {n}."
+        )
     prefix = [0.0]
-    for w in weights:
-        prefix.append(prefix[-1] + w)
-    inf = float("inf")
-    # best[k][i]: minimal max-sum splitting the first i items into k groups
-    best = [[inf] * (n + 1) for _ in range(parts + 1)]
-    cut = [[0] * (n + 1) for _ in range(parts + 1)]
-    best[0][0] = 0.0
-    for k in range(1, parts + 1):
-        for i in range(k, n - (parts - k) + 1):
-            for j in range(k - 1, i):
-                cost = max(best[k - 1][j], prefix[i] - prefix[j])
-                if cost < best[k][i]:
-                    best[k][i], cut[k][i] = cost, j
-    groups = []
-    i = n
-    for k in range(parts, 0, -1):
-        j = cut[k][i]
-        groups.append((j, i))
-        i = j
-    return tuple(reversed(groups))
+    for c in costs:
+        prefix.append(prefix[-1] + float(c))
+    # best[k][j]: best key for the first j layers in k stages; the key compares
+    # (max stage cost, sum of squares, number of later stages starting on a zero-cost layer)
+    inf = (math.inf, math.inf, math.inf)
+    best = [[inf] * (n + 1) for _ in range(num_stages + 1)]
+    prev = [[-1] * (n + 1) for _ in range(num_stages + 1)]
+    best[0][0] = (0.0, 0.0, 0)
+    for k in range(1, num_stages + 1):
+        for j in range(k, n + 1):
+            for i in range(k - 1, j):
+                b = best[k - 1][i]
+                c = prefix[j] - prefix[i]
+                key = (max(b[0], c), b[1] + c * c, b[2] + (i > 0 and costs[i] == 0))
+                if key < best[k][j]:
+                    best[k][j], prev[k][j] = key, i
+    starts, j = [], n
+    for k in range(num_stages, 0, -1):
+        j = prev[k][j]
+        starts.append(j)
+    return starts[::-1]
+
+
+_cached_partition = lru_cache(maxsize=256)(partition)  # the sweeps ask the same cuts often
 
 
 def pipeline_stages(model: ModelSpec, pp: int) -> list[tuple[LayerSpec, ...]]:
@@ -482,14 +398,13 @@ def pipeline_stages(model: ModelSpec, pp: int) -> list[tuple[LayerSpec, ...]]:
     Raises:
         ValueError: if ``pp`` exceeds the number of layers.
     """
-    _check_positive_int("pp", pp)
     if pp > len(model.layers):
         raise ValueError(
             f"pp={pp} pipeline stages need at least {pp} layers, but {model.name!r} has "
             f"{len(model.layers)}. Use pp <= {len(model.layers)}."
         )
-    groups = _partition(tuple(float(layer.params) for layer in model.layers), pp)
-    return [model.layers[a:b] for a, b in groups]
+    starts = _cached_partition(tuple(layer.params for layer in model.layers), pp)
+    return [model.layers[a:b] for a, b in zip(starts, [*starts[1:], len(model.layers)], strict=True)]
 
 
 def estimate(
@@ -536,22 +451,6 @@ def estimate(
     return best
 
 
-def zero_figure1(n_params: float = 7.5e9, n_devices: int = 64, k: int = 12) -> pd.DataFrame:
-    """The ZeRO paper's figure 1 from the paper's closed-form formulas.
-
-    Baseline ``(2+2+K)Ψ``; ``P_os``: ``4Ψ + KΨ/N``; ``P_os+g``: ``2Ψ + (2+K)Ψ/N``;
-    ``P_os+g+p``: ``(4+K)Ψ/N`` bytes per device. Useful to compare against :func:`estimate`.
-    """
-    psi, n = float(n_params), n_devices
-    rows = {
-        "baseline": (2 + 2 + k) * psi,
-        "P_os (ZeRO-1)": 2 * psi + 2 * psi + k * psi / n,
-        "P_os+g (ZeRO-2)": 2 * psi + (2 + k) * psi / n,
-        "P_os+g+p (ZeRO-3)": (2 + 2 + k) * psi / n,
-    }
-    return pd.DataFrame({"stage": list(rows), "GB per device": [v / GB for v in rows.values()]})
-
-
 # ------------------------------------------------------------------------------ tables
 
 
@@ -578,22 +477,6 @@ def breakdown_table(
     return pd.DataFrame(out)
 
 
-def layout_for(strategy: str, n_devices: int) -> Layout:
-    """The layout that scales one pure strategy to ``n_devices`` devices.
-
-    ``"data"``, ``"zero1"``, ``"zero2"``, ``"zero3"`` put all devices on ``dp``; ``"tensor"``
-    on ``tp``; ``"pipeline"`` on ``pp``.
-    """
-    strategy = _check_choice("strategy", strategy, STRATEGIES)
-    _check_positive_int("n_devices", n_devices)
-    if strategy == "tensor":
-        return Layout(tp=n_devices)
-    if strategy == "pipeline":
-        return Layout(pp=n_devices)
-    zero = 0 if strategy == "data" else int(strategy[-1])
-    return Layout(dp=n_devices, zero=zero)
-
-
 def strategy_sweep(
     model: ModelSpec,
     device_counts: Iterable[int],
@@ -610,7 +493,8 @@ def strategy_sweep(
     rows = []
     for strategy in strategies:
         for n in device_counts:
-            layout = layout_for(strategy, n)
+            zero = int(strategy[-1]) if strategy.startswith("zero") else 0
+            layout = {"tensor": Layout(tp=n), "pipeline": Layout(pp=n)}.get(strategy, Layout(dp=n, zero=zero))
             try:
                 b = estimate(model, layout, training)
             except ValueError:
@@ -695,18 +579,12 @@ def smallest_layout(
         ValueError: on bad arguments, or when nothing fits within ``max_devices``; the
             message says how close the best layout came and what to change.
     """
-    if not device_gb > 0:
-        raise ValueError(f"device_gb must be > 0, got {device_gb!r}.")
-    if not 0 < usable_fraction <= 1:
-        raise ValueError(f"usable_fraction must be in (0, 1], got {usable_fraction!r}.")
-    _check_positive_int("max_devices", max_devices)
-    _check_positive_int("max_tp", max_tp)
     training = Training() if training is None else training
     capacity = device_gb * GB * usable_fraction
     if device_counts is None:
         counts = [2**i for i in range(int(math.log2(max_devices)) + 1)]
     else:
-        counts = sorted({_check_positive_int("device count", int(c)) for c in device_counts})
+        counts = sorted(set(device_counts))
     zero_stages = tuple(zero_stages)
     options = tuple(recompute_options)
     tp_limit = min(max_tp, model.max_tensor_parallel or max_tp)

@@ -1,14 +1,16 @@
-"""Small, general plotting helpers shared by the notebooks (matplotlib only).
+"""Small plotting helpers shared by the notebooks (matplotlib only), one of each kind.
 
-Every function creates its own figure with :func:`matplotlib.pyplot.subplots` and returns
-it. In a notebook, assign the result (``fig = plots.image_grid(...)``) and the inline
-backend shows it once; in scripts and tests, save or close it.
+Every function returns its matplotlib figure. In a notebook, assign the result
+(``fig = plots.image_grid(...)``) and the inline backend shows it once; in scripts and
+tests, save or close it.
 
 * :func:`image_grid`: images with their class names (and predictions, wrong ones in red).
 * :func:`training_curves`: train vs validation loss/accuracy from a Keras history.
 * :func:`bar_chart`: labelled horizontal bars, e.g. images/s per feed.
 * :func:`confusion_matrix_plot`: a confusion matrix with class names.
-* :func:`reliability_diagram`: confidence vs accuracy per confidence bin.
+* :func:`reliability_diagram`: accuracy vs confidence per bin, from a table of bins.
+
+Nothing here computes a metric: the notebooks compute them and pass the results in.
 """
 
 from __future__ import annotations
@@ -26,31 +28,23 @@ CORRECT_COLOR = "black"
 WRONG_COLOR = "tab:red"
 
 
-def _as_display_images(images: np.ndarray) -> np.ndarray:
+def _display_images(images: np.ndarray) -> np.ndarray:
+    """uint8 images as they are; float images must lie in [0, 1]."""
     arr = np.asarray(images)
-    if arr.ndim == 3:  # (N, H, W) grayscale
-        arr = arr[..., None]
     if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
-        raise ValueError(
-            f"images must have shape (N, H, W, 3) or (N, H, W, 1), got {arr.shape}. "
-            "Pass channels-last images, e.g. data.x_train[:16]."
-        )
+        raise ValueError(f"images must have shape (N, H, W, 3) or (N, H, W, 1), got {arr.shape}")
     if arr.dtype == np.uint8:
         return arr
-    arr = arr.astype(np.float32)
-    lo, hi = float(np.min(arr)) if arr.size else 0.0, float(np.max(arr)) if arr.size else 1.0
-    if lo < -1e-3 or hi > 1.0 + 1e-3:
-        raise ValueError(
-            f"float images must lie in [0, 1] (got values in [{lo:.3g}, {hi:.3g}]). "
-            "Pass uint8 images, or divide by 255 first."
-        )
-    return np.clip(arr, 0.0, 1.0)
+    if arr.size and (arr.min() < -1e-3 or arr.max() > 1 + 1e-3):
+        raise ValueError("float images must lie in [0, 1]: pass uint8 images, or divide by 255 first")
+    return np.clip(arr.astype(np.float32), 0.0, 1.0)
 
 
-def _class_name(class_names: Sequence[str], label: int) -> str:
-    if not 0 <= label < len(class_names):
-        raise ValueError(f"label {label} is outside 0..{len(class_names) - 1} (there are {len(class_names)} class names)")
-    return class_names[label]
+def _finish(fig: Figure, title: str | None) -> Figure:
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
 
 
 def image_grid(
@@ -74,24 +68,12 @@ def image_grid(
         ncols: images per row.
         title: figure title.
         cell_size: inches per image.
-
-    Raises:
-        ValueError: for mismatched lengths, bad shapes or value ranges, or labels outside
-            the class names.
     """
-    imgs = _as_display_images(images)
+    imgs = _display_images(images)
     labels = np.asarray(labels).astype(int).reshape(-1)
     n = len(imgs)
-    if n == 0:
-        raise ValueError("image_grid needs at least one image.")
     if len(labels) != n:
         raise ValueError(f"{n} images but {len(labels)} labels")
-    if predictions is not None:
-        predictions = np.asarray(predictions).astype(int).reshape(-1)
-        if len(predictions) != n:
-            raise ValueError(f"{n} images but {len(predictions)} predictions")
-    if ncols < 1:
-        raise ValueError(f"ncols must be >= 1, got {ncols}")
     ncols = min(ncols, n)
     nrows = math.ceil(n / ncols)
     extra = 0.3 if predictions is not None else 0.15
@@ -103,34 +85,16 @@ def image_grid(
         ax.axis("off")
         if i >= n:
             continue
-        img = imgs[i]
-        ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None)
-        true_name = _class_name(class_names, int(labels[i]))
+        gray = imgs[i].shape[-1] == 1
+        ax.imshow(imgs[i][..., 0] if gray else imgs[i], cmap="gray" if gray else None)
+        true_name = class_names[labels[i]]
         if predictions is None:
             ax.set_title(true_name, fontsize=8)
         else:
-            pred_name = _class_name(class_names, int(predictions[i]))
-            wrong = int(predictions[i]) != int(labels[i])
-            ax.set_title(
-                f"{true_name}\n/ {pred_name}", fontsize=7, color=WRONG_COLOR if wrong else CORRECT_COLOR
-            )
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig
-
-
-def _history_frame(history: pd.DataFrame | Mapping[str, Sequence[float]] | object) -> pd.DataFrame:
-    if hasattr(history, "history") and isinstance(history.history, Mapping):  # keras History
-        history = history.history
-    if isinstance(history, Mapping):
-        history = pd.DataFrame(dict(history))
-    if not isinstance(history, pd.DataFrame):
-        raise TypeError(
-            "history must be a pandas DataFrame, a dict of lists, or a keras History "
-            f"(what model.fit returns), got {type(history).__name__}"
-        )
-    return history
+            pred = int(predictions[i])
+            color = WRONG_COLOR if pred != labels[i] else CORRECT_COLOR
+            ax.set_title(f"{true_name}\n/ {class_names[pred]}", fontsize=7, color=color)
+    return _finish(fig, title)
 
 
 def training_curves(
@@ -147,13 +111,10 @@ def training_curves(
             with columns such as ``loss``, ``val_loss``, ``accuracy``, ``val_accuracy``.
             The x axis is column ``epoch_column`` if present, else epochs 1, 2, ...
         metrics: base metric names; ``val_<name>`` is drawn too when present.
-
-    Raises:
-        ValueError: when a requested metric is missing (the message lists the columns).
     """
-    df = _history_frame(history)
-    if df.empty:
-        raise ValueError("history is empty: nothing to plot (did training run any epoch?)")
+    if hasattr(history, "history") and isinstance(history.history, Mapping):  # keras History
+        history = history.history
+    df = pd.DataFrame(dict(history)) if isinstance(history, Mapping) else history
     missing = [m for m in metrics if m not in df.columns]
     if missing:
         raise ValueError(f"metric(s) {missing} not in history; available: {list(df.columns)}")
@@ -167,10 +128,7 @@ def training_curves(
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
         ax.legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, title)
 
 
 def bar_chart(
@@ -187,13 +145,8 @@ def bar_chart(
     ``reference`` draws a dashed vertical line (e.g. the compute ceiling).
     """
     series = pd.Series(values, dtype=float)
-    if series.empty:
-        raise ValueError("bar_chart needs at least one value.")
-    if not np.all(np.isfinite(series.to_numpy())):
-        raise ValueError(f"bar_chart values must be finite, got {series.to_dict()}")
     fig, ax = plt.subplots(figsize=(7, 0.6 * len(series) + 1.2))
-    labels = [str(i) for i in series.index]
-    ax.barh(labels, series.to_numpy(), color="tab:blue")
+    ax.barh([str(i) for i in series.index], series.to_numpy(), color="tab:blue")
     ax.invert_yaxis()
     for i, v in enumerate(series.to_numpy()):
         ax.text(v, i, " " + fmt.format(v), va="center")
@@ -202,10 +155,7 @@ def bar_chart(
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), frameon=False)
     ax.set_xlabel(xlabel)
     ax.set_xlim(0, max(series.max(), reference or 0) * 1.2)
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, title)
 
 
 def confusion_matrix_plot(
@@ -220,13 +170,10 @@ def confusion_matrix_plot(
 
     With ``normalize=True`` each row is divided by its total (recall on the diagonal).
     Draws into ``ax`` when given, else into a new figure; returns the figure.
-
-    Raises:
-        ValueError: for a non-square matrix or one whose size differs from the names.
     """
     cm = np.asarray(matrix, dtype=float)
     k = len(class_names)
-    if cm.ndim != 2 or cm.shape != (k, k):
+    if cm.shape != (k, k):
         raise ValueError(f"matrix must be {k}x{k} to match {k} class names, got shape {cm.shape}")
     if normalize:
         totals = cm.sum(axis=1, keepdims=True)
@@ -250,43 +197,24 @@ def confusion_matrix_plot(
     return ax.figure
 
 
-def reliability_diagram(
-    confidences: np.ndarray,
-    correct: np.ndarray,
-    *,
-    n_bins: int = 10,
-    title: str | None = None,
-) -> tuple[Figure, pd.DataFrame]:
-    """Accuracy versus confidence in equal-width bins, and the table behind it.
+def reliability_diagram(bins: pd.DataFrame, *, title: str | None = None) -> Figure:
+    """Accuracy per confidence bin against the diagonal of perfect calibration.
 
-    Args:
-        confidences: the top predicted probability per example, in [0, 1].
-        correct: whether each prediction was right.
-
-    Returns:
-        The figure and a DataFrame (bin range, count, mean confidence, accuracy) whose
-        attribute ``attrs["ece"]`` holds the expected calibration error.
+    ``bins`` has one row per equal-width bin with columns ``lower``, ``upper``,
+    ``confidence`` (mean confidence in the bin) and ``accuracy`` (NaN for an empty bin).
+    Bars below the diagonal: over-confident predictions.
     """
-    conf = np.asarray(confidences, dtype=float).reshape(-1)
-    ok = np.asarray(correct).astype(bool).reshape(-1)
-    if len(conf) != len(ok) or len(conf) == 0:
-        raise ValueError(f"need the same non-zero number of confidences and flags, got {len(conf)} and {len(ok)}")
-    if np.any((conf < 0) | (conf > 1)):
-        raise ValueError("confidences must lie in [0, 1] (pass probabilities, not logits)")
-    from utils.evaluation import calibration_bins, calibration_error
-
-    bins = calibration_bins(conf, ok, n_bins)
-    table = bins.rename(columns={"confidence": "mean confidence"})[["bin", "count", "mean confidence", "accuracy"]]
-    table.attrs["ece"] = calibration_error(bins)
-    fig, ax = plt.subplots(figsize=(4.5, 4.2))
     centers = (bins["lower"] + bins["upper"]) / 2
-    ax.bar(centers, table["accuracy"].fillna(0), width=1 / n_bins, edgecolor="black", alpha=0.7, label="accuracy")
+    width = float((bins["upper"] - bins["lower"]).iloc[0])
+    fig, ax = plt.subplots(figsize=(4.5, 4.2))
+    ax.bar(centers, bins["accuracy"].fillna(0), width=width, edgecolor="black", alpha=0.7, label="accuracy")
+    ax.plot(centers, bins["confidence"], "o", color="tab:red", markersize=4, label="mean confidence")
     ax.plot([0, 1], [0, 1], "--", color="tab:gray", label="perfect calibration")
-    ax.set_xlabel("confidence")
+    ax.set_xlabel("confidence (max probability)")
     ax.set_ylabel("accuracy")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.legend(loc="upper left")
-    ax.set_title(title or f"Reliability (ECE = {table.attrs['ece']:.3f})")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(title or "Reliability diagram")
     fig.tight_layout()
-    return fig, table
+    return fig

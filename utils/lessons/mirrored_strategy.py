@@ -20,3 +20,102 @@ def max_rel_diff(a, b) -> float:
     pairs = zip(tf.nest.flatten(a), tf.nest.flatten(b), strict=True)
     return max(max_abs_diff(x, y) / max(float(np.max(np.abs(np.asarray(y, np.float64)))), 1e-30)
                for x, y in pairs)
+
+
+def ring_all_reduce(values, device_names, log=None):
+    """Sum of `values` (one tensor per device) on every device: reduce-scatter, then all-gather."""
+    n = len(values)
+    shape = values[0].shape
+    sizes = [len(c) for c in np.array_split(np.arange(int(np.prod(shape))), n)]
+    chunks = []  # chunks[device][chunk], each on its device
+    for v, name in zip(values, device_names):
+        with tf.device(name):
+            chunks.append(tf.split(tf.reshape(v, [-1]), sizes))
+    phases = [("reduce-scatter", 0, lambda mine, sent: mine + sent),  # add what arrives
+              ("all-gather", 1, lambda mine, sent: tf.identity(sent))]  # keep what arrives
+    for phase, offset, combine in phases:
+        for s in range(n - 1):
+            # every device sends one chunk to its right-hand neighbour, all at once
+            sends = [(i, (i + offset - s) % n, chunks[i][(i + offset - s) % n]) for i in range(n)]
+            for i, c, chunk in sends:
+                dst = (i + 1) % n
+                with tf.device(device_names[dst]):  # the chunk moves to the receiver
+                    chunks[dst][c] = combine(chunks[dst][c], chunk)
+                if log is not None:  # what moved, and the first value of the chunk it updated
+                    log.append({"phase": phase, "step": s + 1, "from": i, "to": dst, "chunk": c,
+                                "values": sizes[c], "first value": float(chunks[dst][c][0]) if sizes[c] else None})
+    out = []
+    for ch, name in zip(chunks, device_names):
+        with tf.device(name):
+            out.append(tf.reshape(tf.concat(ch, 0), shape))
+    return out
+
+
+import keras
+
+
+def make_train_step(strategy, model, optimizer, global_batch, scaling="global"):
+    """One compiled data-parallel step: per-replica forward/backward, all-reduce, update."""
+    with strategy.scope():
+        optimizer.build(model.trainable_variables)  # optimizer slots are mirrored too
+
+    def step_fn(x, y):  # runs once per replica, on its B/N examples
+        with tf.GradientTape() as tape:
+            per_example = keras.losses.sparse_categorical_crossentropy(y, model(x, training=True))
+            if scaling == "global":  # correct: sum / global batch
+                loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
+            else:  # wrong: the mean over this replica's examples only
+                loss = tf.reduce_mean(per_example)
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))  # all-reduce (sum) + update
+        return loss
+
+    @tf.function
+    def train_step(dist_batch):
+        per_replica_loss = strategy.run(step_fn, args=dist_batch)
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica_loss, axis=None)
+
+    return train_step
+
+
+from utils import data, models
+
+TOLERANCE = 1e-5  # the largest weight difference still called equal (float32 round-off)
+
+
+def new_optimizer(name, lr):
+    return keras.optimizers.SGD(lr) if name == "sgd" else keras.optimizers.Adam(lr)
+
+
+def compare_one_step(x, y, strategy, method="custom loop", scaling="global", optimizer="sgd", lr=0.1):
+    """One step on all replicas of `strategy` vs one step on one device, same weights and batch."""
+    x, y = data.to_float(x), y.astype(np.int64)
+    w0 = models.build_seed_cnn().get_weights()
+    # 1. one device: the whole global batch, the plain mean loss
+    with tf.device(strategy.extended.worker_devices[0]):
+        one = models.build_seed_cnn()
+        one.set_weights(w0)
+        opt = new_optimizer(optimizer, lr)
+        with tf.GradientTape() as tape:
+            loss_one = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, one(x, training=True)))
+        opt.apply_gradients(zip(tape.gradient(loss_one, one.trainable_variables), one.trainable_variables))
+    # 2. N replicas: the same batch, split by the strategy
+    with strategy.scope():
+        many = models.build_seed_cnn()
+        many.set_weights(w0)
+        opt = new_optimizer(optimizer, lr)
+    batch = tf.data.Dataset.from_tensor_slices((x, y)).batch(len(x))
+    if method == "custom loop":
+        step = make_train_step(strategy, many, opt, len(x), scaling)
+        loss_n = float(step(next(iter(strategy.experimental_distribute_dataset(batch)))))
+    else:
+        with strategy.scope():
+            many.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
+        loss_n = many.fit(batch, epochs=1, verbose=0, shuffle=False).history["loss"][-1]
+    # 3. compare: the largest weight difference, and how far each step moved the weights
+    moved = [np.linalg.norm(np.concatenate([(a - b).ravel() for a, b in zip(m.get_weights(), w0)]))
+             for m in (many, one)]
+    diff = max_abs_diff(many.get_weights(), one.get_weights())
+    return {"method": method, "loss scaling": scaling, "optimizer": optimizer, "replicas": strategy.num_replicas_in_sync,
+            "max |w_N - w_1|": diff, "equal": diff <= TOLERANCE, "update size / one device": moved[0] / moved[1],
+            "loss (1 device)": float(loss_one), "loss reported (N replicas)": float(loss_n)}
