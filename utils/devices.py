@@ -157,7 +157,7 @@ def short_device(name: str) -> str:
     return name.rsplit("device:", 1)[-1] if name else ""
 
 
-_KEY_BASES: dict[tuple[str, ...], int] = {}
+_KEY_BASES: list[int] = []
 _KEY_SPACING = 100_000
 
 
@@ -166,9 +166,11 @@ def make_strategy(names: list[str] | None = None) -> tf.distribute.MirroredStrat
 
     Every ``MirroredStrategy`` numbers its collective groups from 1, so a 2-device strategy
     created after a 4-device one in the same process fails with "Device ... is joining a
-    group with size 2, but that group has size 4". TensorFlow's own tests avoid this by
-    shifting the (private) class attribute ``_collective_key_base``; so do we, one key range
-    per device set, never the default range that DTensor uses.
+    group with size 2, but that group has size 4", and two strategies over the same devices
+    that reduce different models mix up their collective instances ("Shape mismatch in the
+    collective instance"). TensorFlow's own tests avoid this by shifting the (private) class
+    attribute ``_collective_key_base``; so do we: one key range per strategy, never the
+    default range that DTensor uses.
     """
     names = list(compute_devices() if names is None else names)
     known = {short_device(d.name): d.name for d in tf.config.list_logical_devices()}
@@ -179,7 +181,8 @@ def make_strategy(names: list[str] | None = None) -> tf.distribute.MirroredStrat
             f"{sorted(known.values())}: pick from utils.devices.compute_devices()."
         )
     chosen = [known[short_device(n)] for n in names]
-    base = _KEY_BASES.setdefault(tuple(chosen), _KEY_SPACING * (len(_KEY_BASES) + 1))
+    _KEY_BASES.append(_KEY_SPACING * (len(_KEY_BASES) + 1))
+    base = _KEY_BASES[-1]
     ops = cross_device_ops_name(chosen, len(tf.config.list_logical_devices("GPU")), len(gpus()))
     cls = tf.distribute.MirroredStrategy
     previous = cls._collective_key_base
