@@ -5,12 +5,16 @@ pools and the number of logical devices are fixed once TensorFlow starts. Sizes 
 check that everything runs; full: the numbers in the README).
 
 Output: bench-results/bench.csv, bench-results/bench.md, bench-results/bench.png,
-bench-results/machine.json, and the table on stdout.
+bench-results/machine.json, and the table on stdout. A long run survives a crash: every
+result is appended to bench-results/results.jsonl as soon as it is known, a child killed by
+a signal is run once more, and a child that still fails is marked "failed" in the table
+instead of losing the other measurements.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,6 +24,41 @@ OUT = ROOT / "bench-results"
 
 
 # --------------------------------------------------------------------------- parent side
+def measure(spec: dict, timeout: float, sink: Path, run=None) -> dict:
+    """One measurement in a fresh process, appended to ``sink`` (a JSON line) at once.
+
+    A child killed by a signal (a crash, e.g. SIGSEGV in a TensorFlow thread) runs once
+    more; one that still fails, or runs out of time, gives ``{"failed": why}``.
+    """
+    from utils import bench
+
+    run = run or bench.run_in_fresh_process
+    for attempt in (1, 2):
+        try:
+            out = run(spec, timeout)
+            break
+        except bench.ChildFailed as err:
+            out = {"failed": str(err).splitlines()[0]}
+            if err.returncode >= 0 or attempt == 2:
+                break
+            print(f"  {spec['name']}: killed by signal {-err.returncode}; running it once more", flush=True)
+        except subprocess.TimeoutExpired:
+            out = {"failed": f"timed out after {timeout:.0f} s"}
+            break
+    with sink.open("a") as f:
+        f.write(json.dumps({"name": spec["name"], **out}) + "\n")
+    return out
+
+
+def value(result: dict, key: str) -> float | None:
+    """A measured number, or None where the measurement failed."""
+    return None if "failed" in result else result[key]
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
 def plan(smoke: bool) -> dict:
     s = {
         "n_train": 2048 if smoke else 50_000,
@@ -34,15 +73,19 @@ def main() -> int:
     sys.path.insert(0, str(ROOT))
     from utils import bench, config, models
 
-    def run_child(spec: dict, timeout: float) -> dict:
-        start = time.perf_counter()
-        out = bench.run_in_fresh_process(spec, timeout)
-        print(f"  {spec['name']}: done in {time.perf_counter() - start:.0f} s", flush=True)
-        return out
-
     smoke = config.is_smoke()
     p = plan(smoke)
     OUT.mkdir(exist_ok=True)
+    sink = OUT / "results.jsonl"
+    sink.write_text("")
+
+    def run_child(spec: dict, timeout: float) -> dict:
+        start = time.perf_counter()
+        out = measure(spec, timeout, sink)
+        status = f"FAILED: {out['failed']}" if "failed" in out else "done"
+        print(f"  {spec['name']}: {status} in {time.perf_counter() - start:.0f} s", flush=True)
+        return out
+
     base = {"n_train": p["n_train"], "n_test": p["n_test"], "steps": p["steps"], "warmup": p["warmup"]}
     timeout = 600 if smoke else 1800
 
@@ -95,7 +138,7 @@ def main() -> int:
 
     # Time to 70% test accuracy: real CIFAR-10 in full mode only.
     tta = {}
-    synthetic = results[fp32_key]["synthetic"]
+    synthetic = results[fp32_key].get("synthetic", True)
     if not smoke and not synthetic:
         for name, spec in [("seed recipe", fits["seed recipe (float64 numpy, batch 32)"]),
                            ("series recipe", fits[series_key])]:  # fmt: skip
@@ -105,24 +148,29 @@ def main() -> int:
     # 4. Achieved FLOP/s of the fp32 training step vs this CPU's peak.
     cpu = bench.cpu_info()
     fwd = int(models.layer_table(models.build_seed_cnn()).iloc[-1]["FLOPs/image"])
-    ref = results[fp32_key]["images_per_s"]
-    achieved = 3 * fwd * ref
+    ref = value(results[fp32_key], "images_per_s")
+    achieved = 3 * fwd * (ref or 0)
     peak = bench.peak_flops(cpu.cores, (cpu.mhz or 0) / 1000, cpu.datapath_bits) if cpu.mhz else None
 
     rows = []
 
-    def row(section, name, value, unit, ratio, target, note=""):
-        met = "" if target is None or ratio is None else ("yes" if ratio >= target else "no")
-        rows.append({"section": section, "measurement": name, "value": value, "unit": unit,
-                     "ratio": None if ratio is None else round(ratio, 2),
+    def row(section, name, number, unit, r, target, note=""):
+        met = "" if target is None or r is None else ("yes" if r >= target else "no")
+        rows.append({"section": section, "measurement": name, "value": "failed" if number is None else number,
+                     "unit": unit, "ratio": None if r is None else round(r, 2),
                      "target": "" if target is None else f">= {target}", "met": met, "note": note})  # fmt: skip
 
-    seed_ips = results["seed recipe (float64 numpy, batch 32)"]["images_per_s"]
+    def rounded(x: float | None, digits: int = 0):
+        return None if x is None else round(x, digits or None)
+
+    failed = {name: r["failed"] for group in (results, mp, {"feeds": feeds}, tta) for name, r in group.items()
+              if "failed" in r}  # fmt: skip
+    seed_ips = value(results["seed recipe (float64 numpy, batch 32)"], "images_per_s")
     for name in list(fits)[:3]:
-        ips = results[name]["images_per_s"]
-        row("1. recipes", name, round(ips), "img/s", ips / seed_ips,
-            2.0 if name == series_key else None, "ratio vs seed recipe")  # fmt: skip
-    if tta:
+        ips = value(results[name], "images_per_s")
+        row("1. recipes", name, rounded(ips), "img/s", ratio(ips, seed_ips),
+            2.0 if name == series_key else None, failed.get(name, "ratio vs seed recipe"))  # fmt: skip
+    if tta and not any(name in failed for name in tta):
         s, t = tta["seed recipe"], tta["series recipe"]
         for name, r in tta.items():
             row("1. recipes", f"{name}: time to 70% test accuracy", round(r["seconds"]), "s", None, None,
@@ -131,20 +179,21 @@ def main() -> int:
             row("1. recipes", "series / seed time to 70%", round(t["seconds"] / s["seconds"], 2), "x",
                 s["seconds"] / t["seconds"], 2.0, "ratio = seed time / series time (target: series <= 0.5x)")  # fmt: skip
     else:
-        row("1. recipes", "time to 70% test accuracy", "", "", None, None,
-            "skipped: needs real CIFAR-10 and full mode")  # fmt: skip
-    row("2. input pipeline", "tuned tf.data / in-memory ceiling", round(feeds["tuned / ceiling"], 2), "x",
-        feeds["tuned / ceiling"], 0.95)  # fmt: skip
-    row("2. input pipeline", "tuned tf.data / naive numpy", round(feeds["tuned / naive"], 2), "x",
-        feeds["tuned / naive"], None)  # fmt: skip
+        why = "; ".join(f"{n}: {failed[n]}" for n in tta if n in failed) or "skipped: needs real CIFAR-10 and full mode"
+        row("1. recipes", "time to 70% test accuracy", "" if not tta else None, "", None, None, why)
+    for key, name, target in [("tuned / ceiling", "tuned tf.data / in-memory ceiling", 0.95),
+                              ("tuned / naive", "tuned tf.data / naive numpy", None)]:  # fmt: skip
+        r = value(feeds, key)
+        row("2. input pipeline", name, rounded(r, 2), "x", r, target, failed.get("feeds", ""))
     for name in list(fits)[3:]:
-        ips = results[name]["images_per_s"]
-        row("3. strategy overhead", name, round(ips), "img/s", ips / ref, 0.8, "ratio vs one device")
+        ips = value(results[name], "images_per_s")
+        row("3. strategy overhead", name, rounded(ips), "img/s", ratio(ips, ref), 0.8,
+            failed.get(name, "ratio vs one device"))  # fmt: skip
     for name, r in mp.items():
-        row("3. strategy overhead", name, round(r["images_per_s"]), "img/s",
-            r["images_per_s"] / r["baseline_images_per_s"], 0.8,
-            "ratio vs the same code on one device (pipeline: 1 stage; tensor: 1-device mesh)")  # fmt: skip
-    if peak:
+        row("3. strategy overhead", name, rounded(value(r, "images_per_s")), "img/s",
+            ratio(value(r, "images_per_s"), value(r, "baseline_images_per_s")), 0.8,
+            failed.get(name, "ratio vs the same code on one device (pipeline: 1 stage; tensor: 1-device mesh)"))  # fmt: skip
+    if peak and ref:
         row("4. FLOP/s", "fp32 training step: achieved / peak", f"{achieved / 1e9:.0f} GFLOP/s", "",
             achieved / peak, None, f"peak {peak / 1e9:.0f} GFLOP/s = {cpu.cores} cores x {cpu.mhz / 1000:.2f} GHz x "
             f"{cpu.datapath_bits // 32} fp32 lanes x 2 (FMA) x 2 FMA units")  # fmt: skip

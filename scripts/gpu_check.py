@@ -273,11 +273,15 @@ def render_report(
 
 
 # --------------------------------------------------------------------------- main
-def write_gpu_times(results: list[dict], path: Path = ROOT / "docs" / "gpu_runtimes.csv") -> None:
+GPU_TIMES = ROOT / "docs" / "gpu_runtimes.csv"
+
+
+def write_gpu_times(results: list[dict], path: Path | None = None) -> None:
     """The GPU column of the run-time tables (`make docs-tables` reads it): smoke seconds of
     every notebook that passed, merged with what an earlier `--only` run recorded."""
     import csv
 
+    path = path or GPU_TIMES
     times = {}
     if path.exists():
         with path.open() as f:

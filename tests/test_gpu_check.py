@@ -151,8 +151,10 @@ def test_main_runs_every_notebook_and_writes_the_report(gpu_check, tmp_path, mon
     monkeypatch.setattr(gpu_check, "run_notebook", fake_run)
     monkeypatch.setattr(gpu_check, "run_mixed_precision", lambda timeout: MIXED)
     monkeypatch.setattr(gpu_check, "BENCH_DIR", tmp_path / "bench-results")
+    monkeypatch.setattr(gpu_check, "GPU_TIMES", tmp_path / "gpu_runtimes.csv")
     out = tmp_path / "gpu-report.md"
     assert gpu_check.main(["--out", str(out), "--skip-bench"]) == 0
+    assert (tmp_path / "gpu_runtimes.csv").exists()  # never the committed docs/ file
     stems = sorted(p.stem for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     assert [r[0] for r in runs] == stems and {r[2] for r in runs} == {"smoke"}
     assert {r[0][:2] for r in runs if r[1] == "4"} == set(gpu_check.MULTI_DEVICE) & {s[:2] for s in stems}

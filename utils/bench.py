@@ -158,6 +158,14 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 5) -> 
     return {name: min(v) for name, v in samples.items()}
 
 
+class ChildFailed(RuntimeError):
+    """A measurement's process failed; ``returncode`` < 0 means a signal killed it."""
+
+    def __init__(self, message: str, returncode: int):
+        super().__init__(message)
+        self.returncode = returncode
+
+
 def run_in_fresh_process(spec: dict, timeout: float = 900) -> dict:
     """Run one measurement in a new Python process (``scripts/bench_children.py``); its result.
 
@@ -168,7 +176,7 @@ def run_in_fresh_process(spec: dict, timeout: float = 900) -> dict:
     (Keras dtype policy), ``recipe`` ("seed" or "series"), and kind-specific keys.
 
     Raises:
-        RuntimeError: with the child's last stderr lines, if it fails.
+        ChildFailed: with the child's last stderr lines and its exit code, if it fails.
     """
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, str(CHILD), json.dumps(spec)]
@@ -179,5 +187,6 @@ def run_in_fresh_process(spec: dict, timeout: float = 900) -> dict:
     results = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not results:
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
-        raise RuntimeError(f"benchmark {spec['name']!r} failed (exit {proc.returncode}):\n{tail}")
+        how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
+        raise ChildFailed(f"benchmark {spec['name']!r} failed ({how}):\n{tail}", proc.returncode)
     return json.loads(results[-1][len("RESULT ") :])

@@ -639,10 +639,12 @@ print(overhead.to_string(index=False))
 
 # %% [markdown]
 # Compare the last two rows: the same two replicas, only the thread pools differ. Sizing the
-# pools for the replicas removes the oversubscription. It cannot make two logical CPUs
-# faster than the two physical cores they share, so on a quiet machine the best you can
-# expect is about the speed of one device; the first row is measured separately, and other
-# programs running at the same time move it up or down. `make bench` runs the same
+# pools for the replicas targets the oversubscription; the "vs one device" column shows how
+# much of the gap it closes on this machine (CPUs differ a lot here: on some machines two
+# tuned replicas match one device, on others, like an AVX2-only CPU, they stay well below).
+# It cannot make two logical CPUs faster than the two physical cores they share, so the
+# best to expect is about the speed of one device; the first row is measured separately, and
+# other programs running at the same time move it up or down. `make bench` runs the same
 # comparison for 2 and 4 replicas and larger per-replica batches, and records the
 # machine. To use it in your own notebook, call
 # `devices.set_threads(*devices.replica_threads(N))` before `setup_devices()`.

@@ -970,7 +970,7 @@ plt.show()
 # - activations come from per-layer sizes, the micro-batch and the recomputation policy.
 #
 # First, the check against the literature: figure 1 of the ZeRO paper (Rajbhandari et al.
-# 2019), a 7.5B-parameter model with Adam in mixed precision on 64 devices.
+# 2019), a model of `7.5B` parameters with Adam in mixed precision on 64 devices.
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -1010,7 +1010,8 @@ print(one_device.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
 
 # %% [markdown]
 # (GB = 10⁹ bytes.) The two models of this notebook fit anywhere; the 1.3B model needs
-# 2.6 + 2.6 + 15.8 GB of model states (2 + 2 + 12 bytes per parameter) before any
+# 2.631 + 2.631 + 15.79 GB of model states (2 + 2 + 12 bytes per parameter, the table's
+# params, grads and optimizer columns) before any
 # activation; the 175B model needs terabytes. How does each strategy bring that down? The plot shows memory per
 # device as the number of devices grows, with each strategy used alone.
 
