@@ -214,7 +214,7 @@ def main() -> int:
     with pd.option_context("display.width", 200, "display.max_colwidth", 60):
         print("\n" + table.drop(columns=["note"]).to_string(index=False))
     print("\nmachine:", json.dumps(machine))
-    print(f"wrote {OUT.relative_to(ROOT)}/bench.csv, bench.md, bench.png, machine.json")
+    print(f"wrote {OUT.name}/bench.csv, bench.md, bench.png, machine.json, results.jsonl")
     return 0
 
 
