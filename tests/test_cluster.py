@@ -285,6 +285,16 @@ def test_timeout_ends_everything(fake_worker: Path) -> None:
 
 
 def test_interrupt_ends_everything(fake_worker: Path) -> None:
+    # A shell that starts the tests in the background ignores SIGINT for them: restore Python's
+    # handler so the interrupt below arrives as KeyboardInterrupt, as in a Jupyter kernel.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _interrupt_ends_everything(fake_worker)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _interrupt_ends_everything(fake_worker: Path) -> None:
     cluster = C.LocalCluster(2, script=fake_worker, env=HANG, allow_exposed=True, quiet=True).start()
     timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))  # like Jupyter's "interrupt"
     timer.start()

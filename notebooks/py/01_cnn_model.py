@@ -40,7 +40,7 @@
 # | mode | 2-core CPU | GPU |
 # |---|---|---|
 # | full (`SERIES_MODE=full`, real CIFAR-10) | 11 s | not measured |
-# | smoke (`SERIES_MODE=smoke`) | 6 s | not measured |
+# | smoke (`SERIES_MODE=smoke`) | 11 s | not measured |
 # <!-- runtime:end -->
 
 # %% [markdown]

@@ -46,7 +46,7 @@
 # | mode | 2-core CPU | GPU |
 # |---|---|---|
 # | full (`SERIES_MODE=full`, real CIFAR-10) | 11.2 min | not measured |
-# | smoke (`SERIES_MODE=smoke`) | 1.2 min | not measured |
+# | smoke (`SERIES_MODE=smoke`) | 1.8 min | not measured |
 # <!-- runtime:end -->
 
 # %% [markdown]

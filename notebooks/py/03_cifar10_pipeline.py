@@ -42,7 +42,7 @@
 # | mode | 2-core CPU | GPU |
 # |---|---|---|
 # | full (`SERIES_MODE=full`, real CIFAR-10) | 3.8 min | not measured |
-# | smoke (`SERIES_MODE=smoke`) | 18 s | not measured |
+# | smoke (`SERIES_MODE=smoke`) | 26 s | not measured |
 # <!-- runtime:end -->
 
 # %% [markdown]

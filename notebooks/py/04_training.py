@@ -44,7 +44,7 @@
 # | mode | 2-core CPU | GPU |
 # |---|---|---|
 # | full (`SERIES_MODE=full`, real CIFAR-10) | 24.4 min | not measured |
-# | smoke (`SERIES_MODE=smoke`) | 46 s | not measured |
+# | smoke (`SERIES_MODE=smoke`) | 1.2 min | not measured |
 # <!-- runtime:end -->
 
 # %% [markdown]

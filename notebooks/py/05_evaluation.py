@@ -40,7 +40,7 @@
 # | mode | 2-core CPU | GPU |
 # |---|---|---|
 # | full (`SERIES_MODE=full`, real CIFAR-10) | 1.2 min | not measured |
-# | smoke (`SERIES_MODE=smoke`) | 15 s | not measured |
+# | smoke (`SERIES_MODE=smoke`) | 25 s | not measured |
 # <!-- runtime:end -->
 #
 # Without a model saved by notebook 04 in the same mode, this notebook first trains one

@@ -47,7 +47,7 @@
 # | mode | 2-core CPU | GPU |
 # |---|---|---|
 # | full (`SERIES_MODE=full`, real CIFAR-10) | 2.4 min | not measured |
-# | smoke (`SERIES_MODE=smoke`) | 18 s | not measured |
+# | smoke (`SERIES_MODE=smoke`) | 28 s | not measured |
 # <!-- runtime:end -->
 
 # %% [markdown]

@@ -45,7 +45,7 @@
 # | mode | 2-core CPU | GPU |
 # |---|---|---|
 # | full (`SERIES_MODE=full`, real CIFAR-10) | 60 s | not measured |
-# | smoke (`SERIES_MODE=smoke`) | 13 s | not measured |
+# | smoke (`SERIES_MODE=smoke`) | 12 s | not measured |
 # <!-- runtime:end -->
 
 # %% [markdown]

@@ -46,7 +46,7 @@
 # | mode | 2-core CPU | GPU |
 # |---|---|---|
 # | full (`SERIES_MODE=full`, real CIFAR-10) | 7.2 min | not measured |
-# | smoke (`SERIES_MODE=smoke`) | 37 s | not measured |
+# | smoke (`SERIES_MODE=smoke`) | 1.4 min | not measured |
 # <!-- runtime:end -->
 
 # %% [markdown]

@@ -51,7 +51,7 @@
 # | mode | 2-core CPU | GPU |
 # |---|---|---|
 # | full (`SERIES_MODE=full`, real CIFAR-10) | 9.6 min | not measured |
-# | smoke (`SERIES_MODE=smoke`) | 55 s | not measured |
+# | smoke (`SERIES_MODE=smoke`) | 1.6 min | not measured |
 # <!-- runtime:end -->
 
 # %% [markdown]

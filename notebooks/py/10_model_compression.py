@@ -55,7 +55,7 @@
 # | mode | 2-core CPU | GPU |
 # |---|---|---|
 # | full (`SERIES_MODE=full`, real CIFAR-10) | 11.3 min | not measured |
-# | smoke (`SERIES_MODE=smoke`) | 40 s | not measured |
+# | smoke (`SERIES_MODE=smoke`) | 1.4 min | not measured |
 # <!-- runtime:end -->
 #
 # Without a model saved by notebook 04 in the same mode, this notebook first trains one
