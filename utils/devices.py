@@ -15,6 +15,7 @@ afterwards needs a kernel restart.
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 from dataclasses import dataclass
@@ -157,7 +158,7 @@ def short_device(name: str) -> str:
     return name.rsplit("device:", 1)[-1] if name else ""
 
 
-_KEY_BASES: list[int] = []
+_STRATEGY_NUMBERS = itertools.count(1)  # each strategy gets the next key range
 _KEY_SPACING = 100_000
 
 
@@ -181,8 +182,7 @@ def make_strategy(names: list[str] | None = None) -> tf.distribute.MirroredStrat
             f"{sorted(known.values())}: pick from utils.devices.compute_devices()."
         )
     chosen = [known[short_device(n)] for n in names]
-    _KEY_BASES.append(_KEY_SPACING * (len(_KEY_BASES) + 1))
-    base = _KEY_BASES[-1]
+    base = _KEY_SPACING * next(_STRATEGY_NUMBERS)
     ops = cross_device_ops_name(chosen, len(tf.config.list_logical_devices("GPU")), len(gpus()))
     cls = tf.distribute.MirroredStrategy
     previous = cls._collective_key_base
