@@ -12,6 +12,9 @@ LAB_ARGS := --ServerApp.ip=127.0.0.1 --ServerApp.root_dir=notebooks \
 LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings/overrides.json
 LAB_OVERRIDES := {"@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": false}}
 NBVAL_ARGS := --nbval-lax
+# make test runs on two pytest-xdist workers (tests/conftest.py keeps each notebook on one).
+TEST_WORKERS ?= 2
+XDIST_ARGS := -n $(TEST_WORKERS)
 EXEC_ARGS := --to notebook --execute --inplace --ExecutePreprocessor.timeout=1800
 
 .PHONY: export venv lab test unit nbval notebooks notebook lint bench browser-check clean-runs help timings docs-tables bench-pipeline gpu-check
@@ -45,7 +48,7 @@ lab: $(STAMP) $(LAB_SETTINGS)
 	$(BIN)/jupyter lab $(LAB_ARGS)
 
 test: $(STAMP)
-	SERIES_MODE=smoke $(BIN)/pytest tests $(NBVAL_ARGS) notebooks
+	SERIES_MODE=smoke $(BIN)/pytest $(XDIST_ARGS) tests $(NBVAL_ARGS) notebooks
 
 unit: $(STAMP)
 	SERIES_MODE=smoke $(BIN)/pytest tests

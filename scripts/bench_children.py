@@ -39,7 +39,37 @@ def pipeline_parallel(spec: dict, ds) -> dict:
     whole = pp.make_unsplit_step(model, optimizer=keras.optimizers.SGD(0.01))
     x, y = to_float(ds.x_train[: spec["batch"]]), ds.y_train[: spec["batch"]]
     ms = bench.time_interleaved({"split": lambda: split(x, y), "whole": lambda: whole(x, y)}, spec["steps"])
-    return {"images_per_s": spec["batch"] / ms["split"] * 1e3, "baseline_images_per_s": spec["batch"] / ms["whole"] * 1e3}
+    out = {"images_per_s": spec["batch"] / ms["split"] * 1e3, "baseline_images_per_s": spec["batch"] / ms["whole"] * 1e3}
+    if spec.get("trace"):  # one step under the profiler: how much of the time were two stages busy at once?
+        _, _, out["overlap"] = pp.busy_and_overlap(pp.op_intervals(pp.capture_trace(split, x, y, spec["trace"])))
+    return out
+
+
+def mesh_vs_mirrored(spec: dict, ds) -> dict:
+    """Notebook 08's DTensor mesh step (batch x model) against notebook 02's MirroredStrategy
+    step on the same devices, the same widened CNN and the same global batch."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from utils import bench, devices
+    from utils.data import to_float
+    from utils.lessons import hybrid_parallelism as hp
+    from utils.lessons import mirrored_strategy as ms
+
+    (b, m), batch = spec["mesh"], spec["batch"]
+    wide = hp.widened_cnn()
+    x, y = to_float(ds.x_train[:batch]), ds.y_train[:batch].astype(np.int32)
+    mesh = hp.hybrid_mesh(b, m)
+    mesh_step, xb, yb = hp.make_train_step(hp.HybridCNN(wide, mesh), hp.Adam(1e-3)), *hp.batch_to_mesh(mesh, x, y)
+    strategy = devices.make_strategy(devices.compute_devices()[: b * m])
+    with strategy.scope():
+        ref = keras.models.clone_model(wide)
+        ref_step = ms.make_train_step(strategy, ref, keras.optimizers.Adam(1e-3), batch)
+    batches = iter(strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors((x, y)).repeat()))
+    times = bench.time_interleaved({"mesh": lambda: mesh_step(xb, yb).numpy(),
+                                    "mirrored": lambda: ref_step(next(batches)).numpy()}, spec["steps"])
+    return {"images_per_s": batch / times["mesh"] * 1e3, "baseline_images_per_s": batch / times["mirrored"] * 1e3}
 
 
 def tensor_parallel(spec: dict, ds) -> dict:
@@ -93,8 +123,8 @@ def fit_or_time_to_accuracy(spec: dict, ds) -> dict:
     return {"seconds": elapsed, "accuracy": acc, "epochs": epoch, "reached": acc >= spec["target"]}
 
 
-KINDS = {"feeds": feeds, "pp": pipeline_parallel, "tp": tensor_parallel, "fit": fit_or_time_to_accuracy,
-         "tta": fit_or_time_to_accuracy}
+KINDS = {"feeds": feeds, "pp": pipeline_parallel, "tp": tensor_parallel, "mesh": mesh_vs_mirrored,
+         "fit": fit_or_time_to_accuracy, "tta": fit_or_time_to_accuracy}
 
 
 def run_measurement(spec: dict) -> dict:

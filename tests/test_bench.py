@@ -70,18 +70,23 @@ KINDS = {
     "feeds": {"cpus": 1, "rounds": 1},
     "pp": {"cpus": 2, "stages": 2, "micro": 4},
     "tp": {"cpus": 4, "replicas": 4},
+    "mesh": {"cpus": 4, "mesh": [2, 2]},
     "seed fit": {"kind": "fit", "recipe": "seed", "batch": 32, "cpus": 1, "replicas": 1},
 }
 
 
 @pytest.mark.parametrize("name", KINDS)
-def test_every_kind_of_measurement_runs_in_a_fresh_process(name):
+def test_every_kind_of_measurement_runs_in_a_fresh_process(name, tmp_path):
     """What `make bench` runs, one child of each kind at toy size (the table itself is
     tested below with made-up results, so the suite does not run the whole benchmark)."""
     spec = {**SMOKE, "kind": name, "name": name, **KINDS[name]}
+    if name == "pp":  # the pipeline child also reads the overlap from a profiler trace
+        spec["trace"] = str(tmp_path / "trace")
     out = bench.run_in_fresh_process(spec, timeout=300)
     assert all(v > 0 for v in out.values() if isinstance(v, float)), out
     assert out, f"{name}: no result"
+    if name == "pp":
+        assert out["overlap"] > 0 and list((tmp_path / "trace").rglob("*.xplane.pb"))
 
 
 def test_fresh_process_measurement_and_its_errors():
@@ -133,8 +138,9 @@ def test_one_failed_measurement_still_gives_the_table(tmp_path, monkeypatch):
             raise bench.ChildFailed(f"benchmark {spec['name']!r} failed (killed by signal 11):", -11)
         if spec["kind"] == "feeds":
             return {"tuned / ceiling": 0.96, "tuned / naive": 1.1}
-        if spec["kind"] in ("pp", "tp"):
-            return {"images_per_s": 900.0, "baseline_images_per_s": 1000.0}
+        if spec["kind"] in ("pp", "tp", "mesh"):
+            return {"images_per_s": 900.0, "baseline_images_per_s": 1000.0,
+                    **({"overlap": 1.4} if "trace" in spec else {})}
         return {"images_per_s": 1000.0 + spec["batch"], "synthetic": True}
 
     monkeypatch.setattr(bench, "run_in_fresh_process", fake)
@@ -148,4 +154,6 @@ def test_one_failed_measurement_still_gives_the_table(tmp_path, monkeypatch):
     assert dead["value"] == "failed" and "signal 11" in dead["note"] and dead["met"] == ""
     assert rows["Mirrored 2 CPUs, default threads"]["met"] == "yes"  # the others are all there
     assert rows["tuned tf.data / in-memory ceiling"]["ratio"] == "0.96"
-    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 12  # 9 fits, feeds, pp, tp
+    assert rows["DTensor mesh 2x2 vs Mirrored, 4 CPUs"]["target"] == ">= 0.7"
+    assert rows["pipeline, 2 stages on 2 CPUs, m=4: overlap (profiler)"]["met"] == "yes"
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 15  # 9 fits, feeds, 2 pp, tp, 2 meshes

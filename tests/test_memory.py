@@ -270,3 +270,35 @@ def test_breakdown_table_columns() -> None:
     assert table.loc[0, "parameters"] == 1_000_000_000
     assert table.loc[0, "params"] == pytest.approx(2.0)  # GB of 16-bit weights
     assert table.loc[0, "total"] == pytest.approx(16.0)
+
+
+@pytest.mark.parametrize(
+    "name,config,published",
+    [  # (layers, hidden, heads, kv heads, MLP size, vocabulary): the models' config.json
+        ("Llama-2-7B", (32, 4096, 32, 32, 11008, 32000), 6_738_415_616),
+        ("Llama-3-8B", (32, 4096, 32, 8, 14336, 128256), 8_030_261_248),
+        ("Mistral-7B", (32, 4096, 32, 8, 14336, 32000), 7_241_732_096),
+    ],
+)
+def test_llama_style_parameter_counts(name, config, published):
+    layers, hidden, heads, kv, ff, vocab = config
+    spec = memory.transformer_spec(name, layers, hidden, heads, 4096, vocab, ff, tied_embeddings=False,
+                                   n_kv_heads=kv, gated_mlp=True, biases=False, rms_norm=True,
+                                   learned_positions=False)
+    assert spec.n_params == published
+
+
+def test_sequence_parallelism_splits_the_replicated_activations():
+    spec = memory.transformer_spec("gpt", 2, 64, 4, 32, 100)
+    training = memory.Training("adam", "mixed")
+    plain = memory.estimate(spec, memory.Layout(tp=4), training).activations
+    sp = memory.estimate(spec, memory.Layout(tp=4, sp=True), training).activations
+    block = spec.layers[1]
+    assert plain - sp == pytest.approx(2 * 2 * block.replicated_activations * (1 - 1 / 4))
+
+
+def test_fp32_gradient_accumulation_doubles_mixed_gradients():
+    spec = memory.ModelSpec.from_params("m", 1000)
+    mixed = memory.estimate(spec, training=memory.Training("adam", "mixed"))
+    fp32 = memory.estimate(spec, training=memory.Training("adam", "mixed", fp32_grads=True))
+    assert (mixed.grads, fp32.grads) == (2000, 4000)

@@ -1,6 +1,7 @@
 """Tests of the pipeline code taught in notebook 06 (utils.lessons.pipeline_parallelism):
 schedule invariants, the simulator and the bubble formula, and gradients equal to the
-unsplit model's, eager and compiled, on 2 stages.
+unsplit model's, eager and compiled (GPipe and 1F1B), on 2 stages. The profiler timeline is
+tested in test_profile_trace.py.
 
 The models are tiny so the file runs in seconds on 2 cores. The stages use the first two
 devices found, or share one device when there is only one.
@@ -132,11 +133,12 @@ def test_pipeline_gradients_equal_the_unsplit_model_on_two_stages(kind, m):
     assert max_abs_diff(same_micro_batches, grads) <= GRAD_TOL
 
 
-def test_compiled_steps_update_the_weights_like_the_unsplit_model():
+@pytest.mark.parametrize("kind", list(pp.SCHEDULES))
+def test_compiled_steps_update_the_weights_like_the_unsplit_model(kind):
     model = small_cnn()
     stages = pp.split_model(model, [0, 3], TWO)
     x, y = batch()
-    pipe_step = pp.make_pipeline_step(stages, TWO, 4, optimizer=keras.optimizers.SGD(0.1))
+    pipe_step = pp.make_pipeline_step(stages, TWO, 4, kind, optimizer=keras.optimizers.SGD(0.1))
     unsplit_step = pp.make_unsplit_step(model, optimizer=keras.optimizers.SGD(0.1))
     for _ in range(2):
         loss_p, grads_p = pipe_step(x, y)

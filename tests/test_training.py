@@ -140,10 +140,11 @@ def test_make_callbacks(tmp_path):
 
 # --------------------------------------------------------------------------- recipes
 def test_series_recipe_tiny(tiny_data, tmp_path, capsys):
-    result = training.series_recipe(tiny_data, epochs=1, batch_size=32, run_dir=tmp_path, verbose=0)
+    strategy = devices.make_strategy(devices.compute_devices()[:2])
+    result = training.series_recipe(tiny_data, epochs=1, batch_size=32, strategy=strategy, run_dir=tmp_path,
+                                    verbose=0)
     assert "precision: " in capsys.readouterr().out
-    replicas = devices.make_strategy().num_replicas_in_sync
-    assert result.settings["replicas"] == replicas
+    assert result.settings["replicas"] == strategy.num_replicas_in_sync
     assert result.settings["precision"] == training.default_mixed_policy()
     assert 0.0 <= result.test_accuracy <= 1.0 and result.images_per_s > 0
     assert list(result.history["epoch"]) == [1]
@@ -177,7 +178,8 @@ def test_model_path_is_per_mode():
 def test_load_or_train_cnn(tiny_data, tmp_path):
     path = tmp_path / "model.keras"
     assert training.saved_info(path) == {}
-    model, note = training.load_or_train_cnn(tiny_data, path, epochs=1)
+    one = devices.make_strategy(devices.compute_devices()[:1])  # one replica: the quickest to trace
+    model, note = training.load_or_train_cnn(tiny_data, path, strategy=one, epochs=1)
     assert note.startswith("Trained a new model")
     assert training.saved_info(path)["mode"] == "smoke"
     again, note2 = training.load_or_train_cnn(tiny_data, path)
@@ -186,4 +188,4 @@ def test_load_or_train_cnn(tiny_data, tmp_path):
         np.testing.assert_array_equal(a, b)
     # a model saved in another mode is not reused
     path.with_suffix(".json").write_text(json.dumps({"mode": "full", "synthetic": True}))
-    assert training.load_or_train_cnn(tiny_data, path, epochs=1)[1].startswith("Trained")
+    assert training.load_or_train_cnn(tiny_data, path, strategy=one, epochs=1)[1].startswith("Trained")

@@ -9,9 +9,11 @@ It counts, per device, the four things that fill accelerator memory during train
 * **activations** (what the forward pass saves for the backward pass), from per-layer
   activation sizes, the micro-batch and the recomputation policy,
 
-under data (``dp``), tensor (``tp``) and pipeline (``pp``) parallelism and ZeRO stages
-1-3 (Rajbhandari et al. 2019), which partition optimizer states (1), gradients (2) and
-parameters (3) over the data-parallel group.
+under data (``dp``), tensor (``tp``, optionally with sequence parallelism ``sp``) and
+pipeline (``pp``) parallelism and ZeRO stages 1-3 (Rajbhandari et al. 2019), which
+partition optimizer states (1), gradients (2) and parameters (3) over the data-parallel
+group. :func:`transformer_spec` describes GPT-style and Llama/Mistral-style models
+(grouped-query attention, SwiGLU MLP, untied embeddings) from their published sizes.
 
 Bytes per parameter (``precision``)
 -----------------------------------
@@ -115,10 +117,13 @@ class LayerSpec:
         """Values per sample a checkpoint after this layer stores."""
         return self.activations if self.boundary is None else self.boundary
 
-    def activations_per_device(self, tp: int) -> float:
-        """Saved values per sample on one of ``tp`` tensor-parallel devices."""
+    def activations_per_device(self, tp: int, sp: bool = False) -> float:
+        """Saved values per sample on one of ``tp`` tensor-parallel devices; with sequence
+        parallelism (``sp``, Korthikanti et al. 2022) the replicated part is split too."""
         if not self.tensor_parallel:
             return self.activations
+        if sp:
+            return self.activations / tp
         return self.replicated_activations + (self.activations - self.replicated_activations) / tp
 
     def params_per_device(self, tp: int) -> float:
@@ -199,8 +204,20 @@ def transformer_spec(
     vocab_size: int,
     d_ff: int | None = None,
     tied_embeddings: bool = True,
+    *,
+    n_kv_heads: int | None = None,
+    gated_mlp: bool = False,
+    biases: bool = True,
+    rms_norm: bool = False,
+    learned_positions: bool = True,
 ) -> ModelSpec:
-    """A GPT-style decoder-only transformer: embeddings, ``n_layers`` blocks, LM head.
+    """A decoder-only transformer: embeddings, ``n_layers`` blocks, LM head.
+
+    The defaults are GPT-2/3: learned positions, biases, layer norms, a 2-matrix GELU MLP,
+    tied embeddings. Llama/Mistral-style models: ``n_kv_heads`` (grouped-query attention:
+    keys and values have ``n_kv_heads`` heads), ``gated_mlp=True`` (SwiGLU: 3 matrices),
+    ``biases=False``, ``rms_norm=True`` (a gain, no bias), ``learned_positions=False``
+    (rotary) and ``tied_embeddings=False``.
 
     Activations per block and sample follow Korthikanti et al. 2022 ("Reducing activation
     recomputation in large transformer models"), converted from 16-bit bytes to values:
@@ -211,9 +228,12 @@ def transformer_spec(
     """
     d_ff = 4 * d_model if d_ff is None else d_ff
     s, h, a = seq_len, d_model, n_heads
-    # per block: attention 4h^2 + 4h, MLP 2 h d_ff + d_ff + h, two layer norms 4h
-    block_params = (4 * h * h + 4 * h) + (2 * h * d_ff + d_ff + h) + 4 * h
-    embed = LayerSpec("embedding", vocab_size * h + s * h, float(s * h))
+    kv = h * (n_kv_heads or n_heads) // n_heads  # width of the keys (and of the values)
+    norm = h if rms_norm else 2 * h
+    attention = 2 * h * h + 2 * h * kv + (2 * h + 2 * kv if biases else 0)  # q, o; k, v
+    mlp = (3 if gated_mlp else 2) * h * d_ff + ((d_ff + h) if biases else 0)
+    block_params = attention + mlp + 2 * norm
+    embed = LayerSpec("embedding", vocab_size * h + (s * h if learned_positions else 0), float(s * h))
     block_acts = 9 * s * h + 2 * s * d_ff + 2.5 * a * s * s
     blocks = [
         LayerSpec(
@@ -225,7 +245,7 @@ def transformer_spec(
         )
         for i in range(n_layers)
     ]
-    head_params = 2 * h + (0 if tied_embeddings else vocab_size * h)  # final norm (+ untied head)
+    head_params = norm + (0 if tied_embeddings else vocab_size * h)  # final norm (+ untied head)
     head = LayerSpec("lm_head", head_params, float(s * vocab_size), boundary=float(s * vocab_size))
     return ModelSpec(name, (embed, *blocks, head), max_tensor_parallel=n_heads)
 
@@ -245,6 +265,7 @@ class Layout:
     tp: int = 1
     pp: int = 1
     zero: int = 0
+    sp: bool = False  # sequence parallelism over the tp group (Korthikanti et al. 2022)
 
     @property
     def devices(self) -> int:
@@ -253,7 +274,7 @@ class Layout:
 
     def __str__(self) -> str:
         zero = f", ZeRO-{self.zero}" if self.zero else ""
-        return f"dp={self.dp} x tp={self.tp} x pp={self.pp}{zero}"
+        return f"dp={self.dp} x tp={self.tp}{' (sp)' if self.sp else ''} x pp={self.pp}{zero}"
 
 
 @dataclass(frozen=True)
@@ -271,6 +292,8 @@ class Training:
         pipeline_schedule: ``"1f1b"`` or ``"gpipe"`` (how many micro-batches a stage keeps).
         num_microbatches: micro-batches per step under pipeline parallelism (default
             ``pp``).
+        fp32_grads: under ``"mixed"``, gradients accumulated in float32 (Megatron-LM's
+            default): 4 bytes per gradient value instead of 2.
     """
 
     optimizer: str = "adam"
@@ -279,6 +302,7 @@ class Training:
     recompute: str | int = "none"
     pipeline_schedule: str = "1f1b"
     num_microbatches: int | None = None
+    fp32_grads: bool = False  # "mixed": accumulate gradients in float32 (4 bytes, not 2)
 
 
 @dataclass(frozen=True)
@@ -331,7 +355,11 @@ def _segments(n_layers: int, recompute: str | int) -> list[tuple[int, int]]:
 
 
 def activation_values(
-    layers: Sequence[LayerSpec], tp: int = 1, recompute: str | int = "none", in_flight: int = 1
+    layers: Sequence[LayerSpec],
+    tp: int = 1,
+    recompute: str | int = "none",
+    in_flight: int = 1,
+    sp: bool = False,
 ) -> float:
     """Values per sample that stay in memory for backward, on one device.
 
@@ -341,7 +369,7 @@ def activation_values(
     """
     if not layers:
         return 0.0
-    acts = [layer.activations_per_device(tp) for layer in layers]
+    acts = [layer.activations_per_device(tp, sp) for layer in layers]
     if recompute == "none":
         return in_flight * sum(acts)
     segs = _segments(len(layers), recompute)
@@ -426,6 +454,7 @@ def estimate(
             "e.g. its number of attention heads). Use a smaller tp and add pp or dp instead."
         )
     p_bytes, g_bytes = bytes_per_param(training.precision)
+    g_bytes = 4 if training.fp32_grads else g_bytes
     k = optimizer_bytes_per_param(training.optimizer, training.precision)
     a_bytes = activation_bytes_per_value(training.precision)
     m = layout.pp if training.num_microbatches is None else training.num_microbatches
@@ -442,7 +471,7 @@ def estimate(
             in_flight = m
         else:  # 1F1B: stage i keeps at most pp - i micro-batches in flight
             in_flight = min(layout.pp - index, m)
-        acts = activation_values(stage, layout.tp, training.recompute, in_flight)
+        acts = activation_values(stage, layout.tp, training.recompute, in_flight, layout.sp)
         acts *= training.micro_batch * a_bytes
         candidate = MemoryBreakdown(params, grads, optim, acts, layout, training)
         if best is None or candidate.total > best.total:

@@ -45,8 +45,8 @@
 # <!-- runtime:start -->
 # | mode | 2-core CPU | GPU |
 # |---|---|---|
-# | full (`SERIES_MODE=full`, real CIFAR-10) | 11.2 min | not measured |
-# | smoke (`SERIES_MODE=smoke`) | 1.8 min | not measured |
+# | full (`SERIES_MODE=full`, real CIFAR-10) | 10.7 min | not measured |
+# | smoke (`SERIES_MODE=smoke`) | 1.6 min | not measured |
 # <!-- runtime:end -->
 
 # %% [markdown]
@@ -57,14 +57,14 @@
 # physical cores, so they show the *semantics* of multi-device training, not a speed-up. On
 # a machine with GPUs the same code uses every GPU instead.
 
-# %%
+# %% tags=["device-check"]
 import utils  # noqa: F401  (quiets TensorFlow's C++ start-up log)
 from utils import config, devices
 
 print("mode:", config.get_mode())
 print(devices.setup_devices().to_string(index=False))
 
-# %%
+# %% tags=["device-check"]
 import itertools
 import time
 
@@ -88,7 +88,7 @@ print("TensorFlow", tf.__version__, "| Keras", keras.__version__, "| devices:", 
 # logits); later notebooks reuse them (`#@save` marks code that is exported to
 # `utils.lessons`, see the README).
 
-# %%
+# %% tags=["device-check"]
 #@save
 import numpy as np
 import tensorflow as tf
@@ -140,7 +140,7 @@ def max_rel_diff(a, b) -> float:
 # `devices.make_strategy()` builds a `MirroredStrategy` over `devices.compute_devices()`:
 # all GPUs if there are any, else all logical CPUs.
 
-# %%
+# %% tags=["device-check"]
 # NBVAL_CHECK_OUTPUT
 strategy = devices.make_strategy()
 N = strategy.num_replicas_in_sync
@@ -160,7 +160,7 @@ print(pd.DataFrame({
 # replica, kept in sync. A Keras 3 variable wraps a `tf.Variable` in `.value`; under the
 # strategy that is a `MirroredVariable`.
 
-# %%
+# %% tags=["device-check"]
 # NBVAL_CHECK_OUTPUT
 with strategy.scope():
     fit_model = models.build_seed_cnn(name="fit_model")
@@ -179,7 +179,7 @@ print(f"parameters per copy: {fit_model.count_params():,}")
 # batch is 128; with a device count that does not divide it, this notebook takes the
 # largest multiple of N below it and says so.
 
-# %%
+# %% tags=["device-check"]
 # NBVAL_CHECK_OUTPUT
 GLOBAL_BATCH = S.batch_size // N * N  # every replica gets the same number of examples
 PER_REPLICA = GLOBAL_BATCH // N
@@ -222,7 +222,7 @@ print(pd.DataFrame([
 # Below, every chunk moves with `tf.device(receiver)`: the add (or copy) runs on the
 # receiving device, so TensorFlow copies the chunk there.
 
-# %%
+# %% tags=["device-check"]
 #@save
 def ring_all_reduce(values, device_names, log=None):
     """Sum of `values` (one tensor per device) on every device: reduce-scatter, then all-gather."""
@@ -259,7 +259,7 @@ def ring_all_reduce(values, device_names, log=None):
 # line is one step of the ring: who sent which chunk to whom, and what the receiver's
 # chunk holds afterwards.
 
-# %%
+# %% tags=["device-check"]
 # NBVAL_CHECK_OUTPUT
 demo = [tf.fill([8], 10.0**i) for i in range(N)]
 ring_log = []
@@ -279,7 +279,7 @@ print("results on:", [devices.short_device(out.device) for out in ring_out])
 # `strategy.reduce` and once with the replica context's `all_reduce` (the call the
 # optimizer makes for the gradients), and compare with the ring.
 
-# %%
+# %% tags=["device-check"]
 n_params = fit_model.count_params()
 grads = [tf.random.stateless_normal([n_params], seed=[i, 0]) for i in range(N)]
 per_replica = strategy.experimental_distribute_values_from_function(lambda ctx: grads[ctx.replica_id_in_sync_group])
@@ -292,12 +292,15 @@ def replica_all_reduce(values):
                         args=(values,))
 
 
-tf_all_reduce = strategy.experimental_local_results(replica_all_reduce(per_replica))
+# With one replica TF 2.21 refuses this call once traced ("destinations can not be empty"): run it eagerly then.
+run_all_reduce = replica_all_reduce if N > 1 else replica_all_reduce.python_function
+with config.quiet_tf_logs():
+    tf_all_reduce = strategy.experimental_local_results(run_all_reduce(per_replica))
 ring_log = []
 ring = ring_all_reduce(grads, REPLICA_DEVICES, ring_log)
 bytes_sent = [4 * sum(m["values"] for m in ring_log if m["from"] == i) for i in range(N)]
 
-# %%
+# %% tags=["device-check"]
 # NBVAL_CHECK_OUTPUT
 print(f"{N} tensors of {n_params:,} float32 values")
 print("ring == strategy.reduce (SUM) within 1e-5:", max_abs_diff(ring, [tf_reduce] * N) <= 1e-5)
@@ -344,7 +347,7 @@ print(allreduce_traffic(n_params, device_counts=(1, 2, 4, 8, 16)).round(3).to_st
 # The input is the series' `tf.data` pipeline (notebook 03 takes it apart), batched by
 # the **global** batch size. Evaluation on the test set runs under the strategy too.
 
-# %%
+# %% tags=["device-check"]
 cifar = data.load_for_mode()
 print(cifar.describe())
 train_ds = make_dataset(cifar.x_train, cifar.y_train, GLOBAL_BATCH, training=True)
@@ -386,7 +389,7 @@ print("after training, all copies equal:", all(np.array_equal(copies[0].numpy(),
 # the mean over the global batch. The `scaling="per_replica_mean"` branch is the classic
 # bug, kept to show what it does further down.
 
-# %%
+# %% tags=["device-check"]
 #@save
 import keras
 
@@ -453,7 +456,7 @@ print(f"custom loop: 1 epoch, {steps} steps in {ctl_seconds:.0f} s, mean trainin
 # to the gradient, so any error in the gradient shows one to one. Only float32 round-off
 # (the sums are taken in a different order) may differ; the tolerance is `1e-5`.
 
-# %%
+# %% tags=["device-check"]
 #@save
 from utils import data, models
 
@@ -498,7 +501,7 @@ def compare_one_step(x, y, strategy, method="custom loop", scaling="global", opt
             "loss (1 device)": float(loss_one), "loss reported (N replicas)": float(loss_n)}
 
 
-# %%
+# %% tags=["device-check"]
 def verdict(r):
     """A one-line verdict with no measured number, the same on every run."""
     return (f"{r['method']}, {r['loss scaling']} loss scaling, {r['optimizer']}: {r['replicas']} replicas x "
@@ -506,13 +509,13 @@ def verdict(r):
             f"{TOLERANCE:g}: {r['equal']}")
 
 
-# %%
+# %% tags=["device-check"]
 x_batch, y_batch = cifar.x_train[:GLOBAL_BATCH], cifar.y_train[:GLOBAL_BATCH]
 with config.quiet_tf_logs():  # each comparison traces a fresh step on purpose
     proof_ctl = compare_one_step(x_batch, y_batch, strategy, method="custom loop")
     proof_fit = compare_one_step(x_batch, y_batch, strategy, method="model.fit")
 
-# %%
+# %% tags=["device-check"]
 # NBVAL_CHECK_OUTPUT
 print(verdict(proof_ctl))
 print(verdict(proof_fit))

@@ -46,8 +46,8 @@
 # <!-- runtime:start -->
 # | mode | 2-core CPU | GPU |
 # |---|---|---|
-# | full (`SERIES_MODE=full`, real CIFAR-10) | 2.4 min | not measured |
-# | smoke (`SERIES_MODE=smoke`) | 28 s | not measured |
+# | full (`SERIES_MODE=full`, real CIFAR-10) | 2.1 min | not measured |
+# | smoke (`SERIES_MODE=smoke`) | 30 s | not measured |
 # <!-- runtime:end -->
 
 # %% [markdown]
@@ -56,7 +56,7 @@
 # `setup_devices()` must run before any other TensorFlow code. On a machine without GPUs it
 # splits the CPU into logical devices (4 unless you set `SERIES_NUM_CPUS`).
 
-# %%
+# %% tags=["device-check"]
 import time
 
 T_START = time.perf_counter()
@@ -87,7 +87,7 @@ print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}")
 # Load CIFAR-10 (in smoke mode a small synthetic stand-in when no copy is available) and
 # take one batch of the series' batch size, as floats in [0, 1].
 
-# %%
+# %% tags=["device-check"]
 data = load_for_mode()
 print(data.describe())
 
@@ -101,7 +101,7 @@ y_batch = tf.constant(data.y_train[:BATCH])
 # Build the seed CNN and look at where its cost sits: FLOPs are in the convolutions,
 # parameters in `dense1`.
 
-# %%
+# %% tags=["device-check"]
 # NBVAL_CHECK_OUTPUT
 model = models.build_seed_cnn()
 print(models.layer_table(model)[["layer", "output shape", "params", "FLOPs/image"]].to_string(index=False))
@@ -115,17 +115,17 @@ print(models.layer_table(model)[["layer", "output shape", "params", "FLOPs/image
 # `dense1`); a fifth stage would hold only a pooling or flatten layer. So this notebook cuts
 # it into 4 stages and places them on the devices it finds. With fewer devices, neighbouring
 # stages share a device: the arithmetic, schedules and proofs stay the same, but stages on
-# one device can only take turns.
+# one device share its compute.
 
-# %%
+# %% tags=["device-check"]
 N_STAGES = 4
 n_dev = len(DEVICES)
 STAGE_DEVICES = [DEVICES[k * min(n_dev, N_STAGES) // N_STAGES] for k in range(N_STAGES)]
 names = [short_device(d) for d in STAGE_DEVICES]
 print(f"{n_dev} device(s) found; {N_STAGES} stages on {names}")
 if n_dev == 1:
-    print("Only one device: nothing is split across devices. All stages run on it one after "
-          "another; the schedules and the proofs below still hold, but nothing can overlap.")
+    print("Only one device: nothing is split across devices. All stages run on it; the "
+          "schedules and the proofs below still hold, but the stages share its compute.")
 elif n_dev < N_STAGES:
     print(f"Fewer devices than stages: neighbouring stages share a device ({n_dev} devices).")
 elif n_dev > N_STAGES:
@@ -139,7 +139,7 @@ else:
 # copies the model's weights into them. The original `model` is untouched: it stays on one
 # device as the reference to compare against.
 
-# %%
+# %% tags=["device-check"]
 #@save
 import keras
 import tensorflow as tf
@@ -168,7 +168,7 @@ def split_model(model, starts, devices):
     return stages
 
 
-# %%
+# %% tags=["device-check"]
 # NBVAL_CHECK_OUTPUT
 STARTS = stage_starts(model, N_STAGES)
 stages = split_model(model, STARTS, STAGE_DEVICES)
@@ -235,7 +235,7 @@ print(f"pipeline output equals the unsplit model's within {TOL_OUT:g}: {out_diff
 #
 # A task is a tuple `(kind, stage, micro_batch)`.
 
-# %%
+# %% tags=["device-check"]
 #@save
 def gpipe_order(num_stages, num_micro_batches):
     """All forward, all backward: each stage runs its m forwards, then its m backwards."""
@@ -281,7 +281,7 @@ for kind, make_order in SCHEDULES.items():
 # micro-batches whose activations it holds at once (from the start of `F(s, i)` to the end
 # of `B(s, i)`).
 
-# %%
+# %% tags=["device-check"]
 #@save
 import numpy as np
 
@@ -448,13 +448,17 @@ print("simulated bubble == (p-1)/(m+p-1) for both schedules:",
 #   its loss), call `tape.gradient(output, variables + [input], output_gradients=...)`, add
 #   the variable gradients to the stage's sums and send the input gradient back.
 #
+# Each task's ops get its name (`F0_1` is the forward of stage 0 on micro-batch 1) and wait
+# for the stage's previous task; eagerly neither changes anything, section 5 shows why
+# compiling needs them.
+#
 # The loss of micro-batch $i$ is $\sum_{\text{examples in } i} \ell / B$ with $B$ the whole
 # batch size, so the micro-batch losses add up to the batch-mean loss and the summed
 # gradients are those of the whole batch. The optimizer then updates the weights once per
 # batch, exactly like the unsplit model. `unsplit_gradients` is the reference: the whole
 # model on one device, on the whole batch, or accumulating the same micro-batches.
 
-# %%
+# %% tags=["device-check"]
 #@save
 import time
 
@@ -467,10 +471,15 @@ def pipeline_pass(stages, devices, x, y, tasks, log=None):
     p, m = len(stages), 1 + max(i for _, _, i in tasks)
     xs, ys, inv_batch = tf.split(x, m), tf.split(y, m), 1.0 / x.shape[0]
     inbox, stash, grads, losses = {}, {}, [None] * p, []
+    done = [[] for _ in range(p)]  # the results of each stage's latest task
     for task in tasks:
         kind, s, i = task
         t0 = time.perf_counter()
-        with tf.device(devices[s]):
+        # Run on the stage's device, name the ops after the task (F0_1: forward of stage 0 on
+        # micro-batch 1, the profiler shows these names), and start only after the stage's
+        # previous task: in a graph that keeps each stage's order; eagerly it changes nothing.
+        with (tf.device(devices[s]), tf.name_scope(f"{kind}{s}_{i}"),
+              tf.control_dependencies(done[s])):
             if kind == "F":  # forward: receive, run under a tape, stash the tape, send on
                 with tf.GradientTape() as tape:
                     h = tf.identity(xs[i] if s == 0 else inbox.pop(("F", s, i)))  # copy to this device
@@ -483,6 +492,7 @@ def pipeline_pass(stages, devices, x, y, tasks, log=None):
                 stash[s, i] = (tape, h, out)
                 if s < p - 1:
                     inbox["F", s + 1, i] = out
+                done[s] = [out]
             else:  # backward: gradient of the weights and of the input, from the gradient sent back
                 tape, h, out = stash.pop((s, i))
                 upstream = None if s == p - 1 else tf.identity(inbox.pop(("B", s, i)))
@@ -493,6 +503,7 @@ def pipeline_pass(stages, devices, x, y, tasks, log=None):
                     a + b for a, b in zip(grads[s], g[:n], strict=True)]
                 if s > 0:
                     inbox["B", s - 1, i] = g[n]  # the input gradient goes back one stage
+                done[s] = g
         if log is not None:
             log.append((task, t0, time.perf_counter(), sum(k[0] == s for k in stash)))
     return tf.add_n(losses), [g for stage_grads in grads for g in stage_grads]
@@ -531,7 +542,7 @@ print(f"... {len(log)} tasks; loss {float(loss):.4f}; {len(grads)} gradients "
 # The proof: compare the loss and every gradient with the unsplit model on the same batch,
 # for several $m$ and both schedules. `peak stashed` is counted by the loop itself.
 
-# %%
+# %% tags=["device-check"]
 TOL_GRAD = 1e-6  # float32 sums in a different order; gradients here are ~1e-2
 TOL_LOSS = 1e-5  # the loss is ~2.3, and one float32 step (ulp) at 2.3 is 2.4e-7
 TOL_WEIGHT = 1e-5
@@ -552,7 +563,7 @@ for m in (1, 2, 4, 8):
                      "max |grad diff|": max_abs_diff(ref_grads, grads), "peak stashed": peaks_from(log)})
 equiv = pd.DataFrame(rows)
 
-# %%
+# %% tags=["device-check"]
 # NBVAL_CHECK_OUTPUT
 for r in rows:
     print(f"m={r['m']} {r['schedule']:<5}: loss equal within {TOL_LOSS:g}: "
@@ -744,6 +755,13 @@ for kind, make_order in SCHEDULES.items():
 # step from a schedule's order (GPipe by default); `make_unsplit_step` compiles the unsplit
 # model the same way, for a fair comparison. Given an optimizer, a step also applies the
 # gradients once.
+#
+# A graph keeps only what the data needs, not the order in which Python created the ops:
+# without more, GPipe and 1F1B would compile to the same graph and the executor would start
+# every micro-batch's forward at once. So in `pipeline_pass` each task waits for its stage's
+# previous task (`tf.control_dependencies`): every stage runs its tasks in the schedule's
+# order, as one device with one stream of work would, and 1F1B's early backwards (and the
+# memory they free) survive compilation.
 
 # %%
 #@save
@@ -777,23 +795,27 @@ def make_unsplit_step(model, optimizer=None):
 # %%
 # NBVAL_CHECK_OUTPUT
 load_stages(model)  # the stages were trained above; start from the model's weights again
-pipe_step = make_pipeline_step(stages, STAGE_DEVICES, M)
+pipe_steps = {kind: make_pipeline_step(stages, STAGE_DEVICES, M, kind) for kind in SCHEDULES}
+pipe_step = pipe_steps["gpipe"]
 unsplit_step = make_unsplit_step(model)
-c_loss, c_grads = pipe_step(x_batch, y_batch)
 ref_loss, ref_grads = unsplit_gradients(model, x_batch, y_batch)
-print(f"compiled GPipe step (m={M}): loss equal within {TOL_LOSS:g}: "
-      f"{abs(float(c_loss) - float(ref_loss)) <= TOL_LOSS}, gradients equal within {TOL_GRAD:g}: "
-      f"{max_abs_diff(ref_grads, c_grads) <= TOL_GRAD}")
+verdicts = []
+for kind, label in [("gpipe", "GPipe"), ("1f1b", "1F1B")]:
+    c_loss, c_grads = pipe_steps[kind](x_batch, y_batch)
+    verdicts.append(f"compiled {label} step (m={M}): loss equal within {TOL_LOSS:g}: "
+                    f"{abs(float(c_loss) - float(ref_loss)) <= TOL_LOSS}, gradients equal within "
+                    f"{TOL_GRAD:g}: {max_abs_diff(ref_grads, c_grads) <= TOL_GRAD}")
 compiled_devices = {short_device(op.device) for op in
                     pipe_step.get_concrete_function(x_batch, y_batch).graph.get_operations() if op.device}
+print("\n".join(verdicts))
 print("devices the compiled graph places ops on:", sorted(compiled_devices))
 
 # %% [markdown]
 # Now time five steps in turns, so that all see the same load, and keep the fastest of
 # several rounds (the least disturbed one): the unsplit model and the pipeline, each eager
-# and compiled. The compiled pipeline is timed with $m = 4$ and with $m = 1$: with one
-# micro-batch no two stages can ever work at once, so the gap between the two rows is what
-# overlapping bought in this run, and the gap between $m = 1$ and the unsplit model is what
+# and compiled. The compiled pipeline is timed with $m = 4$ (GPipe and 1F1B) and with
+# $m = 1$: with one micro-batch no two stages can ever work at once, so the gap between the
+# $m = 4$ and $m = 1$ rows is what overlapping bought in this run, and the gap between $m = 1$ and the unsplit model is what
 # the split itself costs (copies between devices, more ops).
 
 # %%
@@ -817,6 +839,7 @@ step_ms = time_ms({
     f"pipeline m={M}, eager": lambda: pipeline_pass(stages, STAGE_DEVICES, x_batch, y_batch, gpipe_tasks(M)),
     "unsplit, compiled": lambda: unsplit_step(x_batch, y_batch),
     f"pipeline m={M}, compiled": lambda: pipe_step(x_batch, y_batch),
+    f"pipeline m={M} 1F1B, compiled": lambda: pipe_steps["1f1b"](x_batch, y_batch),
     "pipeline m=1, compiled": lambda: pipe_step_1(x_batch, y_batch),
 }, REPEATS)
 timing = pd.DataFrame({"ms per step": step_ms})
@@ -895,6 +918,210 @@ plt.show()
 # each stage stashes, and that the results equal the unsplit model's.
 
 # %% [markdown]
+# ### What really ran: a timeline from the profiler
+#
+# The chart above is drawn from eager task times measured one by one. To see what the
+# compiled step did, ask TensorFlow's profiler. `tf.profiler.experimental.start(logdir)`
+# records every op the runtime executes until `stop()`, then writes the trace to
+# `logdir/plugins/profile/<date>/<host>.xplane.pb`: an `XSpace` protocol buffer, the file
+# TensorBoard's profile view reads. TensorFlow ships its schema as
+# `tensorflow.tsl.profiler.protobuf.xplane_pb2`, and parsing a protocol buffer only reads
+# data (no code from the file runs, unlike unpickling).
+#
+# An `XSpace` holds *planes* (one per host or accelerator), a plane holds *lines* (one per
+# thread), a line holds *events*: a name, a start and a duration. An op's event is named
+# `op name:op type`. On a CPU every op lands in the `/host:CPU` plane, on the threads of
+# TensorFlow's executor; the trace has no plane and no field per logical CPU. The op names
+# tell us instead: `pipeline_pass` named every task's ops after the task (`F1_2/stage1_1/...`)
+# and TensorFlow names a gradient op after its forward op (`gradient_tape/F1_2/stage1_1/...`).
+# So each op maps to its task, its stage, and through `STAGE_DEVICES` to its device. The few
+# ops outside any task (splitting the batch, summing the losses and some of the gradient
+# sums, which the graph optimizer renames) are left out.
+#
+# `busy_and_overlap` then measures, for each stage, the time when at least one of its ops
+# was running (the union of their intervals), and the *overlap*: the sum of those busy times
+# divided by the wall time of the step. One stage at a time gives 1; $p$ stages always busy
+# give $p$. The bubble read from the trace is $1 - \text{overlap}/p$, the simulator's
+# definition.
+
+# %%
+#@save
+import glob
+import re
+import shutil
+
+import pandas as pd
+from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+
+def capture_trace(step, x, y, logdir):
+    """Run step(x, y) once to warm up, then once more under the profiler; the trace goes to logdir."""
+    float(step(x, y)[0])  # traced and run once: the captured step is a steady-state step
+    shutil.rmtree(logdir, ignore_errors=True)  # one trace per folder
+    tf.profiler.experimental.start(str(logdir))
+    float(step(x, y)[0])  # reading the loss waits for the whole step
+    tf.profiler.experimental.stop()
+    return logdir
+
+
+TASK_OP = re.compile(r"(gradient_tape/)?([FB])(\d+)_(\d+)/")  # F1_2/... or gradient_tape/F1_2/...
+
+
+def op_intervals(trace_dir):
+    """The ops of every task in the newest trace under trace_dir, times in ms from the first.
+
+    Returns DataFrame(stage, kind, micro_batch, name, start_ms, end_ms), one row per op run.
+    """
+    path = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1]
+    space = xplane_pb2.XSpace()
+    with open(path, "rb") as f:
+        space.ParseFromString(f.read())
+    rows = []
+    for plane in space.planes:
+        for line in plane.lines:  # one line per thread
+            for event in line.events:
+                meta = plane.event_metadata[event.metadata_id]
+                task = TASK_OP.match(meta.name)
+                if task and meta.display_name:  # an op (its display name is its type) of a task
+                    start_ps = line.timestamp_ns * 1000 + event.offset_ps
+                    rows.append({"stage": int(task[3]), "kind": "B" if task[1] else task[2],
+                                 "micro_batch": int(task[4]), "name": meta.name.split(":")[0],
+                                 "start_ps": start_ps, "end_ps": start_ps + event.duration_ps})
+    ops = pd.DataFrame(rows)
+    t0 = ops["start_ps"].min()
+    ops["start_ms"], ops["end_ms"] = (ops["start_ps"] - t0) / 1e9, (ops["end_ps"] - t0) / 1e9
+    return ops.drop(columns=["start_ps", "end_ps"]).sort_values("start_ms", ignore_index=True)
+
+
+def busy_and_overlap(intervals):
+    """Busy and idle ms per stage, the wall ms from the first op to the last, and the overlap.
+
+    busy = the time when at least one of the stage's ops runs; overlap = sum of busy / wall.
+    Returns (DataFrame indexed by stage, wall_ms, overlap).
+    """
+    t0, t1 = intervals["start_ms"].min(), intervals["end_ms"].max()
+    rows = {}
+    for s, ops in intervals.groupby("stage"):
+        spans = []  # the union of the ops' intervals, as disjoint [start, end] spans
+        for start, end in sorted(zip(ops["start_ms"], ops["end_ms"], strict=True)):
+            if spans and start <= spans[-1][1]:
+                spans[-1][1] = max(spans[-1][1], end)
+            else:
+                spans.append([start, end])
+        edges = [t0, *(t for span in spans for t in span), t1]
+        gaps = [b - a for a, b in zip(edges[::2], edges[1::2], strict=True)]  # before, between, after
+        rows[s] = {"busy ms": sum(end - start for start, end in spans), "idle ms": sum(gaps),
+                   "longest idle gap ms": max(gaps)}
+    table = pd.DataFrame.from_dict(rows, orient="index").rename_axis("stage")
+    return table, t1 - t0, table["busy ms"].sum() / (t1 - t0)
+
+
+# %% [markdown]
+# Capture one compiled step of each schedule (each after a warm-up step) into
+# `runs/06_pipeline_parallelism/profile/<schedule>` (`runs/` is ignored by git), and look at
+# the longest ops of the GPipe trace:
+
+# %%
+PROFILE_DIR = config.run_dir("06_pipeline_parallelism") / "profile"
+traces = {}
+for kind, step in pipe_steps.items():
+    with config.quiet_tf_logs():
+        capture_trace(step, x_batch, y_batch, PROFILE_DIR / kind)
+    traces[kind] = op_intervals(PROFILE_DIR / kind)
+    print(f"{kind}: {len(traces[kind])} ops of {traces[kind].groupby(['stage', 'kind', 'micro_batch']).ngroups} "
+          f"tasks read from {PROFILE_DIR.relative_to(config.REPO_ROOT)}/{kind}")
+longest_ops = traces["gpipe"].assign(ms=traces["gpipe"]["end_ms"] - traces["gpipe"]["start_ms"])
+print(longest_ops.nlargest(6, "ms")[["stage", "kind", "micro_batch", "ms", "name"]].to_string(
+    index=False, float_format=lambda v: f"{v:.2f}"))
+
+# %% [markdown]
+# Now each schedule's trace: busy and idle time per stage, the overlap, and the bubble next
+# to the simulator's and the formula's. The simulator gets each stage's forward and
+# backward time from the same trace (its busy time in forward or backward ops, divided by
+# $m$): it says what $p$ independent devices would do with exactly these op times.
+
+# %%
+def plot_ops(ops, num_stages, ax, title):
+    """What ran: each op on its stage's row (forwards blue, backwards orange), micro-batch numbers."""
+    for (s, kind), group in ops.groupby(["stage", "kind"]):
+        ax.broken_barh(list(zip(group["start_ms"], group["end_ms"] - group["start_ms"], strict=True)),
+                       (num_stages - 1 - s - 0.4, 0.8), facecolors="#4C72B0" if kind == "F" else "#DD8452")
+    for (s, _, i), group in ops.groupby(["stage", "kind", "micro_batch"]):
+        longest = group.loc[(group["end_ms"] - group["start_ms"]).idxmax()]  # label the task's longest op
+        ax.text((longest["start_ms"] + longest["end_ms"]) / 2, num_stages - 1 - s, i,
+                ha="center", va="center", color="white", fontsize=8)
+    ax.set_yticks(range(num_stages), [f"stage {s}" for s in reversed(range(num_stages))])
+    ax.set(xlabel="time (ms)", title=title)
+
+
+fig, axes = plt.subplots(4, 1, figsize=(12, 9))
+x_max = 0.0
+for row, (kind, ops) in enumerate(traces.items()):
+    busy, wall, overlap = busy_and_overlap(ops)
+    stage_busy = {k: busy_and_overlap(ops[ops["kind"] == k])[0]["busy ms"] / M for k in "FB"}
+    sim = simulate(SCHEDULES[kind](N_STAGES, M), stage_busy["F"].to_numpy(), stage_busy["B"].to_numpy())
+    print(f"{kind}, m={M}, {N_STAGES} stages on {len(set(STAGE_DEVICES))} device(s): "
+          f"wall {wall:.1f} ms, overlap {overlap:.2f}, bubble from the trace {1 - overlap / N_STAGES:.0%}, "
+          f"simulated {bubble_fraction(sim, N_STAGES):.0%} ({makespan(sim):.1f} ms), "
+          f"formula (p-1)/(m+p-1) {ideal_bubble(N_STAGES, M):.0%}")
+    display(busy.round(2))
+    plot_ops(ops, N_STAGES, axes[2 * row], f"what ran: compiled {kind}, profiler trace "
+             f"(overlap {overlap:.2f}, bubble {1 - overlap / N_STAGES:.0%})")
+    plot_gantt(sim, N_STAGES, axes[2 * row + 1], f"simulated {kind} with the trace's stage times", unit="ms")
+    x_max = max(x_max, wall, makespan(sim))
+for ax in axes:
+    ax.set_xlim(0, x_max)  # one time scale for all four charts
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# Read each pair of rows together, top (what ran) against bottom (independent devices).
+#
+# - **Order.** In the traces every stage keeps its schedule: GPipe's stages run all their
+#   forwards, then all their backwards; with 1F1B the later stages run backwards between
+#   their forwards. That is the control dependency between a stage's tasks at work;
+#   without it, the executor would start all forwards of a stage together.
+# - **Overlap.** An overlap above 1, when the prints show it, means ops of different stages
+#   were running at the same moment. Here that does not mean more hardware at work: the
+#   logical CPUs are one CPU with 2 cores, and all of them share TensorFlow's thread pools,
+#   so the executor runs independent ops of different stages at once even when every stage
+#   sits on one logical device (try `SERIES_NUM_CPUS=1`). An op's interval includes waiting
+#   for the shared cores, so two stages that run "at once" each run slower, and recording
+#   the trace adds a little time to every op. So compare the trace's wall time with the
+#   unsplit model's compiled step in the timing table, not with the sum of the busy times.
+# - **Bubble.** The bubble read from the trace counts every moment a stage has no op
+#   running. It is larger than the formula's when the stages are unequal (the slowest stage
+#   sets the pace, see the busy times) and when the shared cores stretch the ops. The
+#   simulation with the same op times shows what $p$ separate devices would leave idle.
+#
+# On GPUs the same functions read the same file; each GPU then has its own plane in the
+# trace (`/device:GPU:0`, ...) whose kernels would give the busy time of each device directly.
+
+# %% [markdown]
+# ### The same trace in TensorBoard
+#
+# TensorBoard's profile view draws these traces interactively (zoom into any op, see its
+# thread). It needs the `tensorboard` and `tensorboard-plugin-profile` packages; the cell
+# below says whether this environment has them. In a terminal, from the repository root:
+#
+# ```bash
+# tensorboard --logdir runs/06_pipeline_parallelism/profile --host 127.0.0.1
+# ```
+#
+# Open http://127.0.0.1:6006 (`--host 127.0.0.1` keeps it off the network), choose
+# **PROFILE** (in the drop-down menu at the top right if it is not in the tab bar), pick the
+# run on the left (`gpipe` or `1f1b`, one capture each) and, under **Tools**,
+# `trace_viewer`. The `/host:CPU` process shows one row per thread; the executor's threads
+# (`tf_Compute`) hold the ops. Click an op to see its full name, `F1_2/stage1_1/...` or
+# `gradient_tape/F1_2/...`: the same names `op_intervals` read.
+
+# %%
+import importlib.util
+
+for package in ("tensorboard", "tensorboard_plugin_profile"):
+    print(f"{package} installed: {importlib.util.find_spec(package) is not None}")
+
+# %% [markdown]
 # ## Summary
 #
 # - `tf.device` decides where variables are created and where ops run. Building each stage
@@ -914,6 +1141,12 @@ plt.show()
 #   CPUs that share 2 cores the timings show the executor at work, not a gain from more
 #   hardware; the simulation with measured stage times estimates what separate devices
 #   could gain.
+# - Each stage waits for its previous task (a control dependency), so the compiled GPipe and
+#   1F1B steps keep their orders. The profiler's trace (`tf.profiler.experimental`, an
+#   `XSpace` protocol buffer under `runs/`) shows what really ran: we read each op's interval,
+#   mapped it to its stage by the task name it carries, and measured busy time, overlap and
+#   bubble against the simulator and the formula. TensorBoard's profile view opens the same
+#   files.
 
 # %%
 print(f"This notebook ran in {time.perf_counter() - T_START:.0f} s ({config.get_mode()} mode, "

@@ -58,7 +58,7 @@
 # its own devices) that call would only re-create the logical CPUs, which
 # `setup_devices()` has already done. You need it for meshes that span several hosts.
 
-# %%
+# %% tags=["device-check"]
 import utils  # noqa: F401  (quiets TensorFlow's C++ start-up log)
 from utils import config, data, devices, models
 from utils.lessons.mirrored_strategy import max_abs_diff, max_rel_diff
@@ -98,7 +98,7 @@ print("mode:", config.get_mode())
 # device only its own block; `dtensor.pack` turns the blocks into one DTensor, and
 # `dtensor.unpack` gives them back.
 
-# %%
+# %% tags=["device-check"]
 #@save
 import math
 
@@ -215,7 +215,7 @@ def layout_table(named: dict) -> pd.DataFrame:
 # 1,024 when N divides it (1, 2, 4 or 8 devices) and otherwise rounds it down to the
 # nearest multiple of N (on 3 devices, for example). It prints what it chose and why.
 
-# %%
+# %% tags=["device-check"]
 available = devices.compute_devices()
 N = len(available)
 HIDDEN = N * (1024 // N)  # 1,024 hidden units, rounded down to a multiple of N
@@ -236,7 +236,7 @@ print(mesh_table(mesh).to_string(index=False))
 # Lay out one small matrix three ways (N rows and 2N columns, so that both its rows and its
 # columns split over the mesh) and look at what each device actually stores.
 
-# %%
+# %% tags=["device-check"]
 # NBVAL_CHECK_OUTPUT
 demo = np.arange(N * 2 * N, dtype=np.float32).reshape(N, 2 * N)
 demos = {
@@ -264,7 +264,7 @@ print("round trip gives the matrix back:", all(np.array_equal(to_numpy(t), demo)
 # standardise each feature with the training set's mean and standard deviation, as you
 # would any input.
 
-# %%
+# %% tags=["device-check"]
 cifar = data.load_cifar10(allow_synthetic=config.is_smoke(), n_train=S.n_train, n_test=S.n_test)
 print(cifar.describe())
 
@@ -290,7 +290,7 @@ mu, sd = f_train.mean(axis=0), f_train.std(axis=0) + 1e-3
 f_train, f_test = (f_train - mu) / sd, (f_test - mu) / sd
 print(f"features: train {f_train.shape}, test {f_test.shape} ({time.perf_counter() - t0:.1f} s)")
 
-# %%
+# %% tags=["device-check"]
 # NBVAL_CHECK_OUTPUT
 IN_FEATURES, CLASSES = trunk.output_shape[-1], 10
 head = keras.Sequential(
@@ -331,7 +331,7 @@ print(models.layer_table(head).to_string(index=False))
 # `tf.Module` whose weights are `dtensor.DVariable`s created from sharded values. The
 # whole difference between the two layers is the layout of their weights.
 
-# %%
+# %% tags=["device-check"]
 #@save
 ACTIVATIONS = {None: tf.identity, "linear": tf.identity, "relu": tf.nn.relu, "gelu": tf.nn.gelu}
 
@@ -433,7 +433,7 @@ class ShardedMLP(tf.Module):
 # every tensor of one forward pass. The input batch goes onto the mesh with `shard()`,
 # replicated: every device needs the whole input.
 
-# %%
+# %% tags=["device-check"]
 # NBVAL_CHECK_OUTPUT
 mlp = ShardedMLP.from_keras(head.get_layer("dense1"), head.get_layer("output"), mesh)
 print("weights:")
@@ -463,7 +463,7 @@ print(layout_table(acts).to_string(index=False))
 # the results. Each partial sum alone is far from the logits (when N > 1); their sum is
 # the logits.
 
-# %%
+# %% tags=["device-check"]
 hidden_blocks, kernel_blocks = dtensor.unpack(hidden), dtensor.unpack(mlp.row.kernel.read_value())
 partials = []
 for device, h_i, b_i in zip(mesh.local_devices(), hidden_blocks, kernel_blocks, strict=True):
@@ -474,7 +474,7 @@ for device, p in zip(mesh_table(mesh)["device"], partials, strict=True):
     print(f"{device}: partial sum alone, max |diff| to logits = {np.max(np.abs(p + bias - logits)):.3f}")
 print(f"sum of partial sums, max |diff| to logits = {np.max(np.abs(sum(partials) + bias - logits)):.2e}")
 
-# %%
+# %% tags=["device-check"]
 # NBVAL_CHECK_OUTPUT
 TOL = 1e-5  # relative: max |difference| / max |reference|
 print("partial sums per device:", len(partials), "of shape", partials[0].shape)
@@ -498,12 +498,12 @@ print(
 #
 # ### Forward
 
-# %%
+# %% tags=["device-check"]
 fwd_abs = max_abs_diff(to_numpy(mlp(xs)), head(x_batch))
 fwd_rel = max_rel_diff(to_numpy(mlp(xs)), head(x_batch))
 print(f"forward: max |sharded - one device| = {fwd_abs:.2e}, relative {fwd_rel:.2e} (tolerance {TOL:g})")
 
-# %%
+# %% tags=["device-check"]
 # NBVAL_CHECK_OUTPUT
 ONE_DEVICE_NOTE = "(one device: nothing is split, so this checks only that the DTensor code runs)"
 print(f"forward output equal to the one-device head within {TOL:g} (relative):", fwd_rel <= TOL)
@@ -517,7 +517,7 @@ if N == 1:
 # once, for DTensors and ordinary tensors alike (notebook 08's language model uses the
 # same function), with the compiled SGD step the training run below uses.
 
-# %%
+# %% tags=["device-check"]
 #@save
 def sparse_cross_entropy(logits, labels):
     """Mean softmax cross-entropy of integer ``labels``; works on DTensors and tensors."""
@@ -552,7 +552,7 @@ def make_sgd_step(module, learning_rate, loss_fn=sparse_cross_entropy):
 # inside `tf.function` (in eager mode DTensor cannot start the tape from a plain tensor);
 # the labels go onto the mesh replicated.
 
-# %%
+# %% tags=["device-check"]
 ys = shard(y_batch, layout(mesh, None))
 weights = mlp.weights()
 
@@ -585,7 +585,7 @@ grad_table = pd.DataFrame(
 print(f"loss: sharded {float(to_numpy(loss)):.6f}, one device {float(ref_loss):.6f}")
 print(grad_table.to_string(index=False))
 
-# %%
+# %% tags=["device-check"]
 # NBVAL_CHECK_OUTPUT
 print("input gradient layout:", spec_string(grads["input x"]), "(whole on every device: all-reduced)")
 print(f"input gradient equal within {TOL:g} (relative):", grad_diffs["input x"] <= TOL)

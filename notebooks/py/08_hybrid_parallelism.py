@@ -52,7 +52,7 @@
 # %% [markdown]
 # ## Setup
 
-# %%
+# %% tags=["device-check"]
 import os
 
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")  # CPU memory peaks for section 4
@@ -74,7 +74,7 @@ print("mode:", config.get_mode())
 S = config.sizes()
 pd.set_option("display.width", 140)
 
-# %%
+# %% tags=["device-check"]
 cifar = data.load_cifar10(allow_synthetic=config.is_smoke(), n_train=S.n_train, n_test=S.n_test)
 print(cifar.describe())
 
@@ -91,7 +91,7 @@ print(cifar.describe())
 # semantics of the layout (who holds what, what is communicated, whether the numbers
 # match), not a speed-up. On a machine with GPUs the same code uses the GPUs.
 
-# %%
+# %% tags=["device-check"]
 #@save
 import keras
 import numpy as np
@@ -132,7 +132,7 @@ def multiple_of(value, k):
 # The mesh shape, the batch and the layer widths must divide the number of devices this
 # kernel has. The cell below picks them from the device count it finds and says why.
 
-# %%
+# %% tags=["device-check"]
 # NBVAL_CHECK_OUTPUT
 n_devices = len(devices.compute_devices())
 shapes = mesh_shapes(n_devices)
@@ -156,7 +156,7 @@ print(tp.mesh_table(mesh).to_string(index=False))
 # parameters while the convolutions still do most of the arithmetic: the classic case for
 # splitting the head and replicating the trunk.
 
-# %%
+# %% tags=["device-check"]
 #@save
 def widened_cnn(head_units=1024):
     """The seed CNN (`utils.models.build_seed_cnn`) with `dense1` widened to `head_units`."""
@@ -171,7 +171,7 @@ def widened_cnn(head_units=1024):
     return model
 
 
-# %%
+# %% tags=["device-check"]
 # NBVAL_CHECK_OUTPUT
 wide = widened_cnn(head_units)
 table = models.layer_table(wide)
@@ -194,7 +194,7 @@ print(f"\nhead (dense1 + output): {head_params / wide.count_params():.1%} of the
 # | dense1 (column) | kernel `[., model]`    | `[batch, model]`          |
 # | output (row)    | kernel `[model, .]`    | `[batch, .]` (all-reduce) |
 
-# %%
+# %% tags=["device-check"]
 #@save
 CONVS = ("conv1", "conv2", "conv3")
 
@@ -249,7 +249,7 @@ class HybridCNN(tf.Module):
 # %% [markdown]
 # Build it and read the layouts and the shapes each device actually holds:
 
-# %%
+# %% tags=["device-check"]
 # NBVAL_CHECK_OUTPUT
 net = HybridCNN(wide, mesh)
 cols = ["tensor", "global shape", "sharding", "shard shape"]
@@ -273,7 +273,7 @@ print(tp.layout_table(net.activations(x_probe))[cols].to_string(index=False))
 # split over `model` has its moments split the same way (optimizer memory shrinks with it),
 # and the update runs shard by shard with no communication.
 
-# %%
+# %% tags=["device-check"]
 #@save
 def zeros_like_layout(variable):
     """A zero DVariable with the shape, dtype and layout of `variable`."""
@@ -346,7 +346,7 @@ def make_train_step(module, optimizer, loss_fn=tp.sparse_cross_entropy):
 # Run one step and look at what the optimizer holds: the moments of `dense1`'s kernel are
 # split like the kernel.
 
-# %%
+# %% tags=["device-check"]
 # NBVAL_CHECK_OUTPUT
 probe_net, probe_opt = HybridCNN(wide, mesh), Adam(1e-3)
 probe_step = make_train_step(probe_net, probe_opt)
@@ -367,7 +367,7 @@ print("step counter after one step:", int(tp.to_numpy(probe_opt.iterations)))
 # `tf.distribute.MirroredStrategy` over the same devices, starting from the same weights,
 # with Keras's own Adam, on the same consecutive batches.
 
-# %%
+# %% tags=["device-check"]
 def mirrored_steps(model, x, y, steps, batch_size):
     """Losses and weights after each of `steps` Keras steps under MirroredStrategy."""
     losses, weights = [], []
@@ -413,7 +413,7 @@ print("losses, 2-D mesh:        ", np.round(mesh_losses, 6))
 print(f"max |loss diff| = {loss_diff:.1e}")
 print("max |weight diff| after each step:", ", ".join(f"{d:.1e}" for d in weight_diffs))
 
-# %%
+# %% tags=["device-check"]
 # NBVAL_CHECK_OUTPUT
 TOL = 1e-5
 print(f"{eq_steps} Adam steps, {batch_size_mesh}x{model_size_mesh} mesh vs MirroredStrategy:")
@@ -611,7 +611,7 @@ print(f"\nfastest mesh here: {fastest}; 1x{n_devices} runs at "
 # First the sizes, with the heads and MLP width chosen to split over the mesh's `model`
 # axis, and the weights (shapes as in `keras.layers.MultiHeadAttention`).
 
-# %%
+# %% tags=["device-check"]
 #@save
 from dataclasses import dataclass
 
@@ -663,7 +663,7 @@ def init_transformer_weights(cfg, seed=0):
 # The sharding is one table: which axis of which weight is split over `model`. Everything
 # not in it (embeddings, layer norms, the output biases) is replicated.
 
-# %%
+# %% tags=["device-check"]
 #@save
 MEGATRON_SPECS = {
     "wq": (None, "model", None), "bq": ("model", None),  # split by head: column-parallel
@@ -681,7 +681,7 @@ def megatron_layout(name, value, mesh):
     return replicated(mesh, np.ndim(value)) if specs is None else tp.layout(mesh, *specs)
 
 
-# %%
+# %% tags=["device-check"]
 n_heads = 4 if 4 % model_size_mesh == 0 else model_size_mesh
 lm_cfg_kw = dict(seq_len=64, d_model=16 * n_heads, n_heads=n_heads, d_ff=64 * n_heads, n_layers=2)
 print(f"model axis {model_size_mesh}: {n_heads} heads of 16 dims, MLP width {64 * n_heads} "
@@ -693,7 +693,7 @@ print(f"model axis {model_size_mesh}: {n_heads} heads of 16 dims, MLP width {64 
 # all-reduces; without a mesh the same code runs unsharded on one device (section 4 uses
 # that, with `tf.recompute_grad` per block and a 16-bit compute dtype).
 
-# %%
+# %% tags=["device-check"]
 #@save
 def layer_norm(x, gamma, beta, eps):
     """Layer norm over the last axis, computed in float32 whatever the input dtype."""
@@ -772,7 +772,7 @@ class TransformerLM(tf.Module):
 # newline), so nothing is downloaded and the vocabulary does not depend on the Python
 # version.
 
-# %%
+# %% tags=["device-check"]
 import importlib
 import inspect
 import string
@@ -813,13 +813,13 @@ train_ids, val_ids = ids[:split], ids[split:]
 print(f"{len(text):,} characters; vocabulary: {len(ALPHABET)} characters")
 print(repr(text[:300]))
 
-# %%
+# %% tags=["device-check"]
 lm_cfg = TransformerConfig(vocab_size=len(ALPHABET), **lm_cfg_kw)
 lm_weights = init_transformer_weights(lm_cfg, seed=0)
 lm = TransformerLM(lm_cfg, lm_weights, mesh)
 print(f"parameters: {sum(v.size for v in lm_weights.values()):,}")
 
-# %%
+# %% tags=["device-check"]
 # NBVAL_CHECK_OUTPUT
 print(f"config: d_model={lm_cfg.d_model}, heads={lm_cfg.n_heads} (head dim {lm_cfg.head_dim}), "
       f"d_ff={lm_cfg.d_ff}, layers={lm_cfg.n_layers}, seq_len={lm_cfg.seq_len}")
@@ -833,7 +833,7 @@ print(tp.layout_table(block0)[cols].to_string(index=False))
 # the outputs and the gradients with respect to the input and every weight; then compare
 # the whole sharded language model with the same model unsharded on one device.
 
-# %%
+# %% tags=["device-check"]
 #@save
 def keras_block(cfg, block_weights):
     """One pre-norm decoder block from Keras layers, loaded with `block_weights` (wq, bq, ...)."""
@@ -857,7 +857,7 @@ def keras_block(cfg, block_weights):
     return model
 
 
-# %%
+# %% tags=["device-check"]
 def compare_block(lm, reference, x, seed=0):
     """Relative differences of block 0's output and of the gradients of sum(output * r)."""
     r = np.random.default_rng(seed).normal(size=x.shape).astype(np.float32)
@@ -903,7 +903,7 @@ grads_sh = [tp.to_numpy(g) for g in grads_sh]
 lm_grad_diff = max_abs_diff(grads_sh, grads_1) / max(float(np.abs(g).max()) for g in grads_1)
 print(f"language model: |loss diff| = {lm_loss_diff:.1e}, gradient diff / largest gradient = {lm_grad_diff:.1e}")
 
-# %%
+# %% tags=["device-check"]
 # NBVAL_CHECK_OUTPUT
 print("sharded block equals the Keras block (output, input and weight gradients) within 1e-5:",
       all(v <= 1e-5 for v in block_diffs.values()))

@@ -131,10 +131,15 @@ def pipeline_pass(stages, devices, x, y, tasks, log=None):
     p, m = len(stages), 1 + max(i for _, _, i in tasks)
     xs, ys, inv_batch = tf.split(x, m), tf.split(y, m), 1.0 / x.shape[0]
     inbox, stash, grads, losses = {}, {}, [None] * p, []
+    done = [[] for _ in range(p)]  # the results of each stage's latest task
     for task in tasks:
         kind, s, i = task
         t0 = time.perf_counter()
-        with tf.device(devices[s]):
+        # Run on the stage's device, name the ops after the task (F0_1: forward of stage 0 on
+        # micro-batch 1, the profiler shows these names), and start only after the stage's
+        # previous task: in a graph that keeps each stage's order; eagerly it changes nothing.
+        with (tf.device(devices[s]), tf.name_scope(f"{kind}{s}_{i}"),
+              tf.control_dependencies(done[s])):
             if kind == "F":  # forward: receive, run under a tape, stash the tape, send on
                 with tf.GradientTape() as tape:
                     h = tf.identity(xs[i] if s == 0 else inbox.pop(("F", s, i)))  # copy to this device
@@ -147,6 +152,7 @@ def pipeline_pass(stages, devices, x, y, tasks, log=None):
                 stash[s, i] = (tape, h, out)
                 if s < p - 1:
                     inbox["F", s + 1, i] = out
+                done[s] = [out]
             else:  # backward: gradient of the weights and of the input, from the gradient sent back
                 tape, h, out = stash.pop((s, i))
                 upstream = None if s == p - 1 else tf.identity(inbox.pop(("B", s, i)))
@@ -157,6 +163,7 @@ def pipeline_pass(stages, devices, x, y, tasks, log=None):
                     a + b for a, b in zip(grads[s], g[:n], strict=True)]
                 if s > 0:
                     inbox["B", s - 1, i] = g[n]  # the input gradient goes back one stage
+                done[s] = g
         if log is not None:
             log.append((task, t0, time.perf_counter(), sum(k[0] == s for k in stash)))
     return tf.add_n(losses), [g for stage_grads in grads for g in stage_grads]
@@ -198,3 +205,73 @@ def make_pipeline_step(stages, devices, num_micro_batches, kind="gpipe", optimiz
 def make_unsplit_step(model, optimizer=None):
     """The unsplit model's step, compiled the same way."""
     return compile_step(lambda x, y: unsplit_gradients(model, x, y), model.trainable_variables, optimizer)
+
+
+import glob
+import re
+import shutil
+
+import pandas as pd
+from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+
+def capture_trace(step, x, y, logdir):
+    """Run step(x, y) once to warm up, then once more under the profiler; the trace goes to logdir."""
+    float(step(x, y)[0])  # traced and run once: the captured step is a steady-state step
+    shutil.rmtree(logdir, ignore_errors=True)  # one trace per folder
+    tf.profiler.experimental.start(str(logdir))
+    float(step(x, y)[0])  # reading the loss waits for the whole step
+    tf.profiler.experimental.stop()
+    return logdir
+
+
+TASK_OP = re.compile(r"(gradient_tape/)?([FB])(\d+)_(\d+)/")  # F1_2/... or gradient_tape/F1_2/...
+
+
+def op_intervals(trace_dir):
+    """The ops of every task in the newest trace under trace_dir, times in ms from the first.
+
+    Returns DataFrame(stage, kind, micro_batch, name, start_ms, end_ms), one row per op run.
+    """
+    path = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1]
+    space = xplane_pb2.XSpace()
+    with open(path, "rb") as f:
+        space.ParseFromString(f.read())
+    rows = []
+    for plane in space.planes:
+        for line in plane.lines:  # one line per thread
+            for event in line.events:
+                meta = plane.event_metadata[event.metadata_id]
+                task = TASK_OP.match(meta.name)
+                if task and meta.display_name:  # an op (its display name is its type) of a task
+                    start_ps = line.timestamp_ns * 1000 + event.offset_ps
+                    rows.append({"stage": int(task[3]), "kind": "B" if task[1] else task[2],
+                                 "micro_batch": int(task[4]), "name": meta.name.split(":")[0],
+                                 "start_ps": start_ps, "end_ps": start_ps + event.duration_ps})
+    ops = pd.DataFrame(rows)
+    t0 = ops["start_ps"].min()
+    ops["start_ms"], ops["end_ms"] = (ops["start_ps"] - t0) / 1e9, (ops["end_ps"] - t0) / 1e9
+    return ops.drop(columns=["start_ps", "end_ps"]).sort_values("start_ms", ignore_index=True)
+
+
+def busy_and_overlap(intervals):
+    """Busy and idle ms per stage, the wall ms from the first op to the last, and the overlap.
+
+    busy = the time when at least one of the stage's ops runs; overlap = sum of busy / wall.
+    Returns (DataFrame indexed by stage, wall_ms, overlap).
+    """
+    t0, t1 = intervals["start_ms"].min(), intervals["end_ms"].max()
+    rows = {}
+    for s, ops in intervals.groupby("stage"):
+        spans = []  # the union of the ops' intervals, as disjoint [start, end] spans
+        for start, end in sorted(zip(ops["start_ms"], ops["end_ms"], strict=True)):
+            if spans and start <= spans[-1][1]:
+                spans[-1][1] = max(spans[-1][1], end)
+            else:
+                spans.append([start, end])
+        edges = [t0, *(t for span in spans for t in span), t1]
+        gaps = [b - a for a, b in zip(edges[::2], edges[1::2], strict=True)]  # before, between, after
+        rows[s] = {"busy ms": sum(end - start for start, end in spans), "idle ms": sum(gaps),
+                   "longest idle gap ms": max(gaps)}
+    table = pd.DataFrame.from_dict(rows, orient="index").rename_axis("stage")
+    return table, t1 - t0, table["busy ms"].sum() / (t1 - t0)
