@@ -63,7 +63,8 @@ def plan(smoke: bool) -> dict:
     s = {
         "n_train": 2048 if smoke else 50_000,
         "n_test": 512 if smoke else 10_000,
-        "steps": 4 if smoke else 60,
+        # 200 timed steps of 128 images: 3 s on a fast 2-core CPU, long enough to be stable
+        "steps": 4 if smoke else 200,
         "warmup": 2 if smoke else 8,
     }
     return s
@@ -136,6 +137,10 @@ def main() -> int:
         "pipeline, 2 stages on 2 CPUs, m=4": run_child({**base, "kind": "pp", "name": "pp2", "batch": 128,
                                                        "cpus": 2, "stages": 2, "micro": 4,
                                                        "trace": str(OUT / "trace_pp2")}, timeout),
+        "pipeline, 2 stages on 2 CPUs, m=4, strict chain": run_child({**base, "kind": "pp", "name": "pp2s",
+                                                                     "batch": 128, "cpus": 2, "stages": 2,
+                                                                     "micro": 4, "strict": True,
+                                                                     "trace": str(OUT / "trace_pp2s")}, timeout),
         "pipeline, 4 stages on 4 CPUs, m=4": run_child({**base, "kind": "pp", "name": "pp4", "batch": 128,
                                                        "cpus": 4, "stages": 4, "micro": 4}, timeout),
         "tensor-parallel MLP head on 4 CPUs": run_child({**base, "kind": "tp", "name": "tp", "batch": 128,
@@ -146,6 +151,7 @@ def main() -> int:
                                                           "cpus": 4, "mesh": [2, 2]}, timeout),
     }  # fmt: skip
     mp_targets = {"pipeline, 2 stages on 2 CPUs, m=4": 0.95, "pipeline, 4 stages on 4 CPUs, m=4": 0.9,
+                  "tensor-parallel MLP head on 4 CPUs": 0.8,
                   "DTensor mesh 4x1 vs Mirrored, 4 CPUs": 0.8, "DTensor mesh 2x2 vs Mirrored, 4 CPUs": 0.7}
 
     # Time to 70% test accuracy: real CIFAR-10 in full mode only.
@@ -205,11 +211,12 @@ def main() -> int:
         against = ("MirroredStrategy's step, same devices and batch" if "mesh" in name else
                    "the unsplit model's compiled step" if "pipeline" in name else "the same module on a 1-device mesh")
         row("3b. model parallelism", name, rounded(value(r, "images_per_s")), "img/s",
-            ratio(value(r, "images_per_s"), value(r, "baseline_images_per_s")), mp_targets.get(name, 0.8),
+            ratio(value(r, "images_per_s"), value(r, "baseline_images_per_s")), mp_targets.get(name),
             failed.get(name, f"ratio vs {against}"))  # fmt: skip
         if "overlap" in r:
             row("3b. model parallelism", f"{name}: overlap (profiler)", rounded(value(r, "overlap"), 2), "x",
-                value(r, "overlap"), 1.3, "sum of the stages' busy time / wall time of one traced step")  # fmt: skip
+                value(r, "overlap"), None if "strict" in name else 1.3,
+                "sum of the stages' busy time / wall time of a traced step (median of 5)")  # fmt: skip
     if peak and ref:
         row("4. FLOP/s", "fp32 training step: achieved / peak", f"{achieved / 1e9:.0f} GFLOP/s", "",
             achieved / peak, None, f"peak {peak / 1e9:.0f} GFLOP/s = {cpu.cores} cores x {cpu.mhz / 1000:.2f} GHz x "

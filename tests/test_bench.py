@@ -18,7 +18,17 @@ vendor_id\t: AuthenticAMD
 cpu family\t: 25
 model name\t: AMD EPYC 9R14
 cpu MHz\t\t: 2600.000
+siblings\t: 2
+cpu cores\t: 2
 flags\t\t: fpu sse avx avx2 fma avx512f avx512_bf16
+"""
+# The AVX2 machine of the README's second table, as a hyperthreaded pair would describe it.
+ZEN2_SMT = """vendor_id\t: AuthenticAMD
+cpu family\t: 23
+model name\t: AMD EPYC 7B12
+siblings\t: 2
+cpu cores\t: 1
+flags\t\t: fpu sse avx avx2 fma
 """
 SKYLAKE = ZEN4.replace("AuthenticAMD", "GenuineIntel").replace("cpu family\t: 25", "cpu family\t: 6")
 
@@ -31,6 +41,33 @@ def test_parse_cpuinfo_and_datapath():
     assert intel.datapath_bits == 512
     plain = bench.parse_cpuinfo("flags : sse sse2\n", cores=1)
     assert plain.vector_bits == 128 and plain.model
+
+
+def test_cpuinfo_names_bfloat16_support_and_hyperthreads():
+    amd = bench.parse_cpuinfo(ZEN4, cores=2)
+    assert amd.bf16_flags == ("avx512_bf16",) and amd.threads_per_core == 1
+    zen2 = bench.parse_cpuinfo(ZEN2_SMT, cores=2)
+    assert zen2.bf16_flags == () and zen2.threads_per_core == 2 and zen2.vector_bits == 256
+    arm = bench.parse_cpuinfo("Features\t: fp asimd bf16 sve\n", cores=4)
+    assert arm.bf16_flags == ("bf16",) and arm.threads_per_core is None
+
+
+def test_readme_keeps_one_bench_table_per_kind_of_machine():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("update_docs", ROOT / "scripts" / "update_docs.py")
+    docs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(docs)
+    machine = {"cpu": "AMD EPYC", "cores": "2", "SIMD": "256-bit (256-bit datapath)", "gpu": "none",
+               "bfloat16": "emulated (no bfloat16 instructions)"}  # fmt: skip
+    avx2 = docs.machine_kind(machine)
+    avx512 = docs.machine_kind({**machine, "SIMD": "512-bit (512-bit datapath)", "bfloat16": "native (avx512_bf16)"})
+    assert avx2 != avx512 and "bfloat16 native" in avx512 and "bfloat16 emulated" in avx2
+    block = docs.merge_machine_table("", avx2, "Machine: A\n\n| old |")
+    block = docs.merge_machine_table(block, avx512, "Machine: B\n\n| b |")
+    block = docs.merge_machine_table(block, avx2, "Machine: A\n\n| new |")  # a re-run replaces its own table
+    assert block.count("#### ") == 2 and "| old |" not in block
+    assert block.index(avx2) < block.index("| new |") < block.index(avx512) < block.index("| b |")
 
 
 def test_peak_flops_hand_count():
@@ -62,7 +99,7 @@ def test_time_interleaved_runs_each_function_after_a_warmup():
 
 def test_machine_info_has_the_recorded_fields():
     info = bench.machine_info()
-    assert {"cpu", "cores", "gpu", "tensorflow"} <= set(info)
+    assert {"cpu", "cores", "SIMD", "bfloat16", "threads per core", "gpu", "tensorflow"} <= set(info)
 
 
 SMOKE = {"n_train": 512, "n_test": 64, "steps": 2, "warmup": 1, "batch": 64}
@@ -156,4 +193,4 @@ def test_one_failed_measurement_still_gives_the_table(tmp_path, monkeypatch):
     assert rows["tuned tf.data / in-memory ceiling"]["ratio"] == "0.96"
     assert rows["DTensor mesh 2x2 vs Mirrored, 4 CPUs"]["target"] == ">= 0.7"
     assert rows["pipeline, 2 stages on 2 CPUs, m=4: overlap (profiler)"]["met"] == "yes"
-    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 15  # 9 fits, feeds, 2 pp, tp, 2 meshes
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 16  # 9 fits, feeds, 3 pp, tp, 2 meshes

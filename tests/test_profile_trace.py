@@ -40,15 +40,15 @@ def traces(tmp_path_factory):
     stages = pp.split_model(model, [0, 3], TWO)
     x, y = batch(16)
     out = {}
-    for kind in pp.SCHEDULES:
-        logdir = tmp_path_factory.mktemp(kind)
-        step = pp.make_pipeline_step(stages, TWO, M, kind)
+    for kind in [*pp.SCHEDULES, "gpipe strict"]:
+        logdir = tmp_path_factory.mktemp(kind.replace(" ", "_"))
+        step = pp.make_pipeline_step(stages, TWO, M, kind.split()[0], strict=kind.endswith("strict"))
         assert pp.capture_trace(step, x, y, logdir) == logdir
         out[kind] = pp.op_intervals(logdir)
     return out
 
 
-@pytest.mark.parametrize("kind", list(pp.SCHEDULES))
+@pytest.mark.parametrize("kind", [*pp.SCHEDULES, "gpipe strict"])
 def test_the_trace_holds_the_ops_of_every_task(traces, kind):
     ops = traces[kind]
     assert list(ops.columns) == ["stage", "kind", "micro_batch", "name", "start_ms", "end_ms"]
@@ -72,3 +72,20 @@ def test_the_compiled_steps_keep_each_stages_order(traces):
     gpipe, f1b = traces["gpipe"], traces["1f1b"]
     assert task(gpipe, "F", M - 1)[1] <= task(gpipe, "B", 0)[0]
     assert task(f1b, "B", 0)[1] <= task(f1b, "F", 2)[0]
+
+
+def test_a_strict_chain_runs_each_stages_tasks_one_after_another(traces):
+    """strict=True: every task of a stage starts after the stage's previous task has ended.
+
+    Variable reads and cross-device sends/receives (``.../_12``) carry no control inputs, so
+    only the ops that compute are compared."""
+    ops = traces["gpipe strict"]
+    ops = ops[~ops["name"].str.contains(r"ReadVariableOp$|/_\d+$")]
+    for s in (0, 1):
+        own = ops[ops["stage"] == s].groupby(["kind", "micro_batch"])
+        spans = own["start_ms"].min().to_frame("start").join(own["end_ms"].max().rename("end"))
+        order = [t for t in pp.execution_order(pp.gpipe_order(2, M)) if t[1] == s]
+        ends = [spans.loc[(k, i), "end"] for k, _, i in order]
+        starts = [spans.loc[(k, i), "start"] for k, _, i in order]
+        assert all(e <= s2 for e, s2 in zip(ends, starts[1:], strict=False))
+

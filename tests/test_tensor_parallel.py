@@ -186,3 +186,36 @@ def test_sparse_cross_entropy_equals_keras():
     logits = x[:, :6]
     ref = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(y, logits)
     assert abs(float(tp.sparse_cross_entropy(logits, y)) - float(ref)) <= 1e-6
+
+
+@pytest.mark.parametrize(
+    ("name", "op_type", "phase"),
+    [
+        ("replica_1/widened_cnn_1/conv2_1/Relu", "_MklNativeFusedConv2D", "forward"),
+        ("tf.StatefulPartitionedCall/gradient_tape/dense1/MatMul", "_MklMatMul", "backward"),
+        ("tf.StatefulPartitionedCall/update/AssignSubVariableOp_3", "AssignSubVariableOp", "update"),
+        ("adam/update_2_8/Sub_3", "Sub", "update"),  # Keras 3's Adam, one scope per variable
+        ("adam/concat_2", "ConcatV2", "communicate"),  # Keras packs the gradients for one all-reduce
+        ("adam/CollectiveReduceV2_1", "CollectiveReduceV2", "communicate"),
+        ("tf.StatefulPartitionedCall/gradient_tape/Conv2DBackpropFilter/DTensorAllReduceOp/CombinedReduceUpdateSlice",
+         "TensorStridedSliceUpdate", "communicate"),
+    ],
+)  # fmt: skip
+def test_phase_of_names_the_phase_from_op_names(name, op_type, phase):
+    assert tp.phase_of(name, op_type) == phase
+
+
+def test_trace_step_reads_every_phase_of_a_sharded_step_from_the_profiler(tmp_path):
+    n = max(s for s in SIZES if 8 % s == 0)
+    mesh = tp.model_mesh(n)
+    mlp = tp.ShardedMLP.create(16, 8, 4, mesh, seed=0)
+    x = tp.shard(np.random.default_rng(0).normal(size=(8, 16)).astype("float32"), tp.layout(mesh, None, None))
+    y = tp.shard(np.arange(8, dtype="int32") % 4, tp.layout(mesh, None))
+    ops = tp.trace_step(tp.make_sgd_step(mlp, 0.1), (x, y), tmp_path / "trace")
+    assert list(tmp_path.glob("trace/**/*.xplane.pb"))  # the trace file is where it was asked for
+    table, wall, parallel = tp.phase_table(ops)
+    expected = {"forward", "backward", "update"} | ({"communicate"} if n > 1 else set())
+    assert set(table.index) == expected
+    assert (ops["end_ms"] >= ops["start_ms"]).all() and ops["start_ms"].min() == 0
+    assert wall == pytest.approx(ops["end_ms"].max()) and parallel > 0
+    assert table["ops"].sum() == len(ops) and table["share"].sum() == pytest.approx(1.0)

@@ -34,6 +34,14 @@ class CpuInfo:
     cores: int
     mhz: float | None
     flags: frozenset[str]
+    threads_per_core: int | None = None
+
+    @property
+    def bf16_flags(self) -> tuple[str, ...]:
+        """The flags of instructions that compute bfloat16 (none: bfloat16 is emulated)."""
+        from utils.lessons.training import BF16_FLAGS
+
+        return tuple(f for f in BF16_FLAGS if f in self.flags)
 
     @property
     def vector_bits(self) -> int:
@@ -65,13 +73,16 @@ def parse_cpuinfo(text: str, cores: int | None = None) -> CpuInfo:
 
     family = field("cpu family")
     mhz = field("cpu MHz")
+    siblings, per_socket = field("siblings"), field("cpu cores")  # logical / physical CPUs per socket
+    smt = int(siblings) // int(per_socket) if siblings and per_socket and int(per_socket) else None
     return CpuInfo(
         model=field("model name") or platform.processor() or "unknown CPU",
         vendor=field("vendor_id") or "unknown",
         family=int(family) if family and family.isdigit() else None,
         cores=cores or os.cpu_count() or 1,
         mhz=float(mhz) if mhz else None,
-        flags=frozenset((field("flags") or "").split()),
+        flags=frozenset((field("flags") or field("Features") or "").split()),
+        threads_per_core=smt,
     )
 
 
@@ -111,6 +122,9 @@ def machine_info() -> dict[str, str]:
         "cores": str(cpu.cores),
         "clock (MHz)": f"{cpu.mhz:.0f}" if cpu.mhz else "unknown",
         "SIMD": f"{cpu.vector_bits}-bit ({cpu.datapath_bits}-bit datapath)",
+        "bfloat16": f"native ({', '.join(cpu.bf16_flags)})" if cpu.bf16_flags else "emulated (no bfloat16 instructions)",
+        # 2 threads per core: two "cores" of the machine are hyperthreads sharing one core's FMA units
+        "threads per core": str(cpu.threads_per_core or "unknown"),
         "gpu": ", ".join(gpu_names) or "none",
         "tensorflow": tf.__version__,
         "keras": keras.__version__,

@@ -39,7 +39,7 @@
 # <!-- runtime:start -->
 # | mode | 2-core CPU | GPU |
 # |---|---|---|
-# | full (`SERIES_MODE=full`, real CIFAR-10) | 32 s | not measured |
+# | full (`SERIES_MODE=full`, real CIFAR-10) | 11 s | not measured |
 # | smoke (`SERIES_MODE=smoke`) | 30 s | not measured |
 # <!-- runtime:end -->
 

@@ -46,8 +46,8 @@
 # <!-- runtime:start -->
 # | mode | 2-core CPU | GPU |
 # |---|---|---|
-# | full (`SERIES_MODE=full`, real CIFAR-10) | 2.1 min | not measured |
-# | smoke (`SERIES_MODE=smoke`) | 30 s | not measured |
+# | full (`SERIES_MODE=full`, real CIFAR-10) | 34 s | not measured |
+# | smoke (`SERIES_MODE=smoke`) | 11 s | not measured |
 # <!-- runtime:end -->
 
 # %% [markdown]
@@ -448,9 +448,10 @@ print("simulated bubble == (p-1)/(m+p-1) for both schedules:",
 #   its loss), call `tape.gradient(output, variables + [input], output_gradients=...)`, add
 #   the variable gradients to the stage's sums and send the input gradient back.
 #
-# Each task's ops get its name (`F0_1` is the forward of stage 0 on micro-batch 1) and wait
-# for the stage's previous task; eagerly neither changes anything, section 5 shows why
-# compiling needs them.
+# Each task's ops get its name (`F0_1` is the forward of stage 0 on micro-batch 1) and,
+# when the stage switches between forwards and backwards, wait for the tasks the stage ran
+# before the switch; eagerly neither changes anything, section 5 shows why compiling needs
+# them.
 #
 # The loss of micro-batch $i$ is $\sum_{\text{examples in } i} \ell / B$ with $B$ the whole
 # batch size, so the micro-batch losses add up to the batch-mean loss and the summed
@@ -463,23 +464,28 @@ print("simulated bubble == (p-1)/(m+p-1) for both schedules:",
 import time
 
 
-def pipeline_pass(stages, devices, x, y, tasks, log=None):
+def pipeline_pass(stages, devices, x, y, tasks, log=None, strict=False):
     """Loss and summed gradients of one batch, running `tasks` (F and B of m micro-batches).
 
     log: a list that gets (task, start s, end s, micro-batches stashed on the stage) per task.
+    strict: in a graph, every task waits for its stage's previous task, not only at switches.
     """
     p, m = len(stages), 1 + max(i for _, _, i in tasks)
     xs, ys, inv_batch = tf.split(x, m), tf.split(y, m), 1.0 / x.shape[0]
     inbox, stash, grads, losses = {}, {}, [None] * p, []
-    done = [[] for _ in range(p)]  # the results of each stage's latest task
+    # per stage: (kind of its current run of tasks, their results, the previous run's results)
+    runs = [("", [], []) for _ in range(p)]
     for task in tasks:
         kind, s, i = task
         t0 = time.perf_counter()
+        if runs[s][0] != kind or strict:  # the stage switches between forwards and backwards
+            runs[s] = (kind, [], runs[s][1])
         # Run on the stage's device, name the ops after the task (F0_1: forward of stage 0 on
         # micro-batch 1, the profiler shows these names), and start only after the stage's
-        # previous task: in a graph that keeps each stage's order; eagerly it changes nothing.
+        # tasks before its last switch: in a graph that keeps the schedule's switches between
+        # forwards and backwards; eagerly it changes nothing.
         with (tf.device(devices[s]), tf.name_scope(f"{kind}{s}_{i}"),
-              tf.control_dependencies(done[s])):
+              tf.control_dependencies(runs[s][2])):
             if kind == "F":  # forward: receive, run under a tape, stash the tape, send on
                 with tf.GradientTape() as tape:
                     h = tf.identity(xs[i] if s == 0 else inbox.pop(("F", s, i)))  # copy to this device
@@ -492,7 +498,7 @@ def pipeline_pass(stages, devices, x, y, tasks, log=None):
                 stash[s, i] = (tape, h, out)
                 if s < p - 1:
                     inbox["F", s + 1, i] = out
-                done[s] = [out]
+                runs[s][1].append(out)
             else:  # backward: gradient of the weights and of the input, from the gradient sent back
                 tape, h, out = stash.pop((s, i))
                 upstream = None if s == p - 1 else tf.identity(inbox.pop(("B", s, i)))
@@ -503,7 +509,7 @@ def pipeline_pass(stages, devices, x, y, tasks, log=None):
                     a + b for a, b in zip(grads[s], g[:n], strict=True)]
                 if s > 0:
                     inbox["B", s - 1, i] = g[n]  # the input gradient goes back one stage
-                done[s] = g
+                runs[s][1].extend(g)
         if log is not None:
             log.append((task, t0, time.perf_counter(), sum(k[0] == s for k in stash)))
     return tf.add_n(losses), [g for stage_grads in grads for g in stage_grads]
@@ -758,10 +764,15 @@ for kind, make_order in SCHEDULES.items():
 #
 # A graph keeps only what the data needs, not the order in which Python created the ops:
 # without more, GPipe and 1F1B would compile to the same graph and the executor would start
-# every micro-batch's forward at once. So in `pipeline_pass` each task waits for its stage's
-# previous task (`tf.control_dependencies`): every stage runs its tasks in the schedule's
-# order, as one device with one stream of work would, and 1F1B's early backwards (and the
-# memory they free) survive compilation.
+# every micro-batch's forward at once. What makes a schedule is where each stage switches
+# between forwards and backwards: GPipe's stage runs all its forwards before any backward,
+# 1F1B's runs a backward before each new forward, so its early backwards free memory. So in
+# `pipeline_pass`, at each switch, the new task waits for all the tasks the stage ran since
+# its previous switch (`tf.control_dependencies`). Inside a run of forwards (or of
+# backwards) the micro-batches may overlap, as on a device that runs several kernels at
+# once. A stricter chain, each task after the stage's previous one, keeps the order inside
+# the runs too, but on CPUs whose cores the small micro-batches do not fill it leaves
+# cores idle: exercise 4 measures both.
 
 # %%
 #@save
@@ -777,11 +788,12 @@ def compile_step(gradients_fn, variables, optimizer=None):
     return step
 
 
-def make_pipeline_step(stages, devices, num_micro_batches, kind="gpipe", optimizer=None):
+def make_pipeline_step(stages, devices, num_micro_batches, kind="gpipe", optimizer=None, strict=False):
     """The pipelined step of `kind`'s order as one tf.function: step(x, y) -> (loss, gradients)."""
     tasks = execution_order(SCHEDULES[kind](len(stages), num_micro_batches))
     variables = [v for stage in stages for v in stage.trainable_variables]
-    return compile_step(lambda x, y: pipeline_pass(stages, devices, x, y, tasks), variables, optimizer)
+    return compile_step(lambda x, y: pipeline_pass(stages, devices, x, y, tasks, strict=strict), variables,
+                        optimizer)
 
 
 def make_unsplit_step(model, optimizer=None):
@@ -947,7 +959,6 @@ plt.show()
 # %%
 #@save
 import glob
-import re
 import shutil
 
 import pandas as pd
@@ -964,13 +975,10 @@ def capture_trace(step, x, y, logdir):
     return logdir
 
 
-TASK_OP = re.compile(r"(gradient_tape/)?([FB])(\d+)_(\d+)/")  # F1_2/... or gradient_tape/F1_2/...
+def read_trace(trace_dir):
+    """Every op in the newest trace under trace_dir, times in ms from the first op.
 
-
-def op_intervals(trace_dir):
-    """The ops of every task in the newest trace under trace_dir, times in ms from the first.
-
-    Returns DataFrame(stage, kind, micro_batch, name, start_ms, end_ms), one row per op run.
+    Returns DataFrame(thread, name, type, start_ms, end_ms), one row per op run.
     """
     path = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1]
     space = xplane_pb2.XSpace()
@@ -981,16 +989,31 @@ def op_intervals(trace_dir):
         for line in plane.lines:  # one line per thread
             for event in line.events:
                 meta = plane.event_metadata[event.metadata_id]
-                task = TASK_OP.match(meta.name)
-                if task and meta.display_name:  # an op (its display name is its type) of a task
+                if meta.display_name:  # an op: its display name is its type
                     start_ps = line.timestamp_ns * 1000 + event.offset_ps
-                    rows.append({"stage": int(task[3]), "kind": "B" if task[1] else task[2],
-                                 "micro_batch": int(task[4]), "name": meta.name.split(":")[0],
+                    rows.append({"thread": line.name, "name": meta.name.split(":")[0], "type": meta.display_name,
                                  "start_ps": start_ps, "end_ps": start_ps + event.duration_ps})
     ops = pd.DataFrame(rows)
     t0 = ops["start_ps"].min()
     ops["start_ms"], ops["end_ms"] = (ops["start_ps"] - t0) / 1e9, (ops["end_ps"] - t0) / 1e9
     return ops.drop(columns=["start_ps", "end_ps"]).sort_values("start_ms", ignore_index=True)
+
+
+TASK_OP = r"^(gradient_tape/)?([FB])(\d+)_(\d+)/"  # F1_2/... or gradient_tape/F1_2/...
+
+
+def op_intervals(trace_dir):
+    """The ops of every task in the newest trace under trace_dir, times in ms from the first.
+
+    Returns DataFrame(stage, kind, micro_batch, name, start_ms, end_ms), one row per op run.
+    """
+    ops = read_trace(trace_dir)
+    task = ops["name"].str.extract(TASK_OP)  # the groups of TASK_OP; NaN where not a task's op
+    ops = ops[task[1].notna()].assign(stage=task[2].astype("Int64"), micro_batch=task[3].astype("Int64"),
+                                      kind=task[1].where(task[0].isna(), "B"))  # gradient_tape/...: a backward
+    ops[["start_ms", "end_ms"]] -= ops["start_ms"].min()
+    return ops[["stage", "kind", "micro_batch", "name", "start_ms", "end_ms"]].astype(
+        {"stage": int, "micro_batch": int}).reset_index(drop=True)
 
 
 def busy_and_overlap(intervals):
@@ -1079,8 +1102,8 @@ plt.show()
 #
 # - **Order.** In the traces every stage keeps its schedule: GPipe's stages run all their
 #   forwards, then all their backwards; with 1F1B the later stages run backwards between
-#   their forwards. That is the control dependency between a stage's tasks at work;
-#   without it, the executor would start all forwards of a stage together.
+#   their forwards. That is the control dependency at each switch at work; inside a run,
+#   forwards of different micro-batches of one stage may overlap.
 # - **Overlap.** An overlap above 1, when the prints show it, means ops of different stages
 #   were running at the same moment. Here that does not mean more hardware at work: the
 #   logical CPUs are one CPU with 2 cores, and all of them share TensorFlow's thread pools,
@@ -1141,8 +1164,9 @@ for package in ("tensorboard", "tensorboard_plugin_profile"):
 #   CPUs that share 2 cores the timings show the executor at work, not a gain from more
 #   hardware; the simulation with measured stage times estimates what separate devices
 #   could gain.
-# - Each stage waits for its previous task (a control dependency), so the compiled GPipe and
-#   1F1B steps keep their orders. The profiler's trace (`tf.profiler.experimental`, an
+# - At each switch between forwards and backwards a stage waits for the tasks before it (a
+#   control dependency), so the compiled GPipe and 1F1B steps keep their schedules. The
+#   profiler's trace (`tf.profiler.experimental`, an
 #   `XSpace` protocol buffer under `runs/`) shows what really ran: we read each op's interval,
 #   mapped it to its stage by the task name it carries, and measured busy time, overlap and
 #   bubble against the simulator and the formula. TensorBoard's profile view opens the same
@@ -1222,6 +1246,34 @@ for m in (1, 4, 16):
           f"bubble {bubble_fraction(a, N_STAGES):.0%} -> {bubble_fraction(b, N_STAGES):.0%}")
 print("Transfers lengthen the fill and drain of the pipeline (2(p-1) crossings on the critical "
       "path), so their share shrinks as m grows.")
+
+# %% [markdown]
+# **4. A strict chain.** `make_pipeline_step(..., strict=True)` makes every task wait for
+# its stage's previous task, so the micro-batches of a run of forwards can no longer
+# overlap. Check that its gradients still equal the default step's, and time it against
+# the default GPipe step and the unsplit compiled step (use `time_ms`). Where does the
+# difference come from?
+
+# %%
+# Try it: build the strict GPipe step and compare its gradients and its time.
+strict_step = make_pipeline_step(stages, STAGE_DEVICES, M, strict=False)  # TODO: strict=True
+print("max |grad diff|:", max_abs_diff(pipe_step(x_batch, y_batch)[1], strict_step(x_batch, y_batch)[1]))
+
+# %% jupyter={"source_hidden": true}
+# Solution
+strict_step = make_pipeline_step(stages, STAGE_DEVICES, M, strict=True)
+print("gradients equal within 1e-6:",
+      max_abs_diff(pipe_step(x_batch, y_batch)[1], strict_step(x_batch, y_batch)[1]) <= 1e-6)
+chain_ms = time_ms({"unsplit, compiled": lambda: unsplit_step(x_batch, y_batch),
+                    "GPipe, waits at switches": lambda: pipe_step(x_batch, y_batch),
+                    "GPipe, strict chain": lambda: strict_step(x_batch, y_batch)}, REPEATS)
+for name, ms in chain_ms.items():
+    print(f"{name:26s} {ms:6.2f} ms  {ms / chain_ms['unsplit, compiled']:.2f}x the unsplit step's time")
+ratio = chain_ms["GPipe, strict chain"] / chain_ms["GPipe, waits at switches"]
+print(f"strict chain / waits at switches: {ratio:.2f}x the time. Same arithmetic, fewer chances to "
+      f"overlap: a strict chain runs one micro-batch per stage at a time, which costs time wherever a "
+      f"micro-batch of {len(x_batch) // M} images leaves cores idle (above all while the pipeline fills "
+      f"and drains); on a GPU, which runs a device's kernels one after another on its stream anyway, it costs little.")
 
 # %% [markdown]
 # ## Further reading

@@ -44,8 +44,8 @@
 # <!-- runtime:start -->
 # | mode | 2-core CPU | GPU |
 # |---|---|---|
-# | full (`SERIES_MODE=full`, real CIFAR-10) | 60 s | not measured |
-# | smoke (`SERIES_MODE=smoke`) | 12 s | not measured |
+# | full (`SERIES_MODE=full`, real CIFAR-10) | 16 s | not measured |
+# | smoke (`SERIES_MODE=smoke`) | 6 s | not measured |
 # <!-- runtime:end -->
 
 # %% [markdown]
@@ -63,7 +63,6 @@ import utils  # noqa: F401  (quiets TensorFlow's C++ start-up log)
 from utils import config, data, devices, models
 from utils.lessons.mirrored_strategy import max_abs_diff, max_rel_diff
 
-import re
 import time
 
 import keras
@@ -492,7 +491,7 @@ print(
 # relative precision of about 1e-7), not zero. Every comparison below is *relative*: the largest absolute
 # difference divided by the largest absolute value of the one-device result, so the same
 # tolerance works for logits and for the much smaller gradients of a mean loss. The
-# tolerance, 1e-5, is about 100× float32's precision, and far below what a wrong shard, a
+# tolerance, 1e-5, is about a hundred times float32's precision, and far below what a wrong shard, a
 # missing all-reduce or a bias added N times produces (the partial sums above were off by
 # a large fraction of the logits).
 #
@@ -536,9 +535,10 @@ def make_sgd_step(module, learning_rate, loss_fn=sparse_cross_entropy):
     def step(x, y):
         with tf.GradientTape() as tape:
             loss = loss_fn(module(x), y)  # forward (one all-reduce when sharded)
-        grads = tape.gradient(loss, variables)  # backward (one more)
-        for var, grad in zip(variables, grads, strict=True):
-            var.assign_sub(learning_rate * grad)  # update, where each block lives
+        grads = tape.gradient(loss, variables)  # backward (no all-reduce: weight gradients stay sharded)
+        with tf.name_scope("update"):  # the profiler trace below finds the update by this name
+            for var, grad in zip(variables, grads, strict=True):
+                var.assign_sub(learning_rate * grad)  # update, where each block lives
         return loss
 
     return step
@@ -724,6 +724,149 @@ print(
 # stores what, and where the communication is. On real GPUs each device has its own
 # memory and compute, so the per-device weights shrink by N and the matmuls run N-way in
 # parallel, while each forward all-reduce moves batch × 10 floats.
+#
+# ### What ran: one step under the profiler
+#
+# Step times say how long; the TensorFlow profiler says what ran, when, on which thread.
+# `trace_step` runs a compiled step a few times (the first traces and compiles it), then a
+# few more times, each under `tf.profiler.experimental`, which writes a trace under
+# `runs/07_tensor_parallelism/profile` (`runs/` is ignored by git), and keeps the run with
+# the median wall time. `read_ops` reads every op back from the trace file with notebook
+# 06's `read_trace` and names each op's phase from its name and type: ops the
+# `GradientTape` added are called `gradient_tape/...` (backward), `make_sgd_step` runs its
+# update under the name scope `update`, collective ops are the all-reduces (communicate),
+# and the rest is the forward pass. Notebook 08 reads its mesh step the same way.
+
+# %%
+#@save
+import re
+import shutil
+
+import matplotlib.patches
+
+from utils.lessons.pipeline_parallelism import read_trace
+
+UPDATE_SCOPE = re.compile(r"(^|/)update(_\d+)*/")  # the step's update scope; Keras: adam/update_3/...
+PACKING = re.compile(r"(^|/)(adam|sgd)/(concat|split)")  # Keras packs gradients into one all-reduce
+PHASE_COLORS = {"forward": "#4C72B0", "backward": "#DD8452", "communicate": "#C44E52", "update": "#55A868"}
+
+
+def phase_of(name, op_type):
+    """The phase of a training step an op belongs to, read from its name and type."""
+    if op_type.startswith("Collective") or "AllReduce" in name or PACKING.search(name):
+        return "communicate"  # the all-reduces, with the ops that pack and unpack their buffers
+    if "gradient_tape/" in name:  # ops the GradientTape added for the backward pass
+        return "backward"
+    if UPDATE_SCOPE.search(name) or op_type.startswith(("Assign", "ResourceApply")):
+        return "update"
+    return "forward"
+
+
+def trace_step(step, args, logdir, warmup=3, repeats=5):
+    """Every op of one run of step(*args), read from a profiler trace.
+
+    Of `repeats` runs, each traced into its own folder under logdir after `warmup` untimed
+    runs, the one with the median wall time (a single run varies on a shared machine).
+    Returns DataFrame(thread, name, type, phase, start_ms, end_ms), times from the first op.
+    """
+    for _ in range(warmup):  # 1. warm-up: trace, compile, settle
+        to_numpy(step(*args))
+    runs = []
+    for k in range(repeats):
+        shutil.rmtree(f"{logdir}/{k}", ignore_errors=True)  # one trace per folder
+        tf.profiler.experimental.start(f"{logdir}/{k}")  # 2. one run under the profiler
+        to_numpy(step(*args))  # reading the loss waits for the whole step
+        tf.profiler.experimental.stop()
+        runs.append(read_ops(f"{logdir}/{k}"))  # 3. the ops, read back from the trace file
+    return sorted(runs, key=lambda ops: ops["end_ms"].max())[len(runs) // 2]
+
+
+def read_ops(trace_dir):
+    """Notebook 06's read_trace, each op with its phase: DataFrame(thread, name, type, phase, start_ms, end_ms)."""
+    ops = read_trace(trace_dir)
+    ops.insert(3, "phase", [phase_of(name, op_type) for name, op_type in zip(ops["name"], ops["type"], strict=True)])
+    return ops
+
+
+def phase_table(ops):
+    """Ops and op time per phase (summed over threads), the wall time of the step, and how
+    many ops ran at once on average (summed op time / wall time): (DataFrame, wall_ms, parallel)."""
+    ms = ops["end_ms"] - ops["start_ms"]
+    table = ops.assign(ms=ms).groupby("phase")["ms"].agg(ops="count", op_ms="sum")
+    table["share"] = table["op_ms"] / table["op_ms"].sum()
+    wall = ops["end_ms"].max() - ops["start_ms"].min()
+    return table.reindex([p for p in PHASE_COLORS if p in table.index]), wall, ms.sum() / wall
+
+
+def plot_timeline(ops, ax, title):
+    """What ran: one row per thread (in order of its first op), each op a bar in its phase's colour."""
+    threads = list(ops.groupby("thread")["start_ms"].min().sort_values().index)
+    for row, thread in enumerate(threads):
+        for phase, group in ops[ops["thread"] == thread].groupby("phase"):
+            ax.broken_barh(list(zip(group["start_ms"], group["end_ms"] - group["start_ms"], strict=True)),
+                           (row - 0.4, 0.8), facecolors=PHASE_COLORS[phase])
+    ax.set_yticks(range(len(threads)), [f"thread {i}" for i in range(len(threads))])
+    ax.invert_yaxis()
+    ax.legend(handles=[matplotlib.patches.Patch(color=c, label=p) for p, c in PHASE_COLORS.items()],
+              loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    ax.set(xlabel="time (ms)", title=title)
+
+
+# %% [markdown]
+# Trace one float32 step of each head, on the same batch, from fresh copies of the
+# starting weights (the trained heads above stay as they are):
+
+# %%
+PROFILE_DIR = config.run_dir("07_tensor_parallelism") / "profile"
+x_step, y_step = batches[0]
+profile_head = head_copy("float32")
+profile_mlp = ShardedMLP.from_keras(profile_head.get_layer("dense1"), profile_head.get_layer("output"), mesh)
+sides = {
+    "one device": (profile_head, (tf.constant(x_step), y_step)),
+    f"sharded over {N}": (profile_mlp, (shard(x_step, profile_mlp.input_layout), shard(y_step, layout(mesh, None)))),
+}
+step_traces = {}
+with config.quiet_tf_logs():
+    for label, (module, args) in sides.items():
+        step_traces[label] = trace_step(make_sgd_step(module, LR), args, PROFILE_DIR / label.split()[0])
+for label, ops in step_traces.items():
+    table, wall, parallel = phase_table(ops)
+    print(f"{label}: {len(ops)} ops on {ops['thread'].nunique()} threads, wall {wall:.2f} ms, "
+          f"{parallel:.2f} ops at once on average")
+    print(table.to_string(float_format=lambda v: f"{v:.2f}"), end="\n\n")
+sharded_ops = step_traces[f"sharded over {N}"]
+comm = sharded_ops[sharded_ops["phase"] == "communicate"]
+n_collective = int((comm["type"] == "CollectiveReduceV2").sum())
+print("communicate ops of the sharded step, by type:", comm.groupby("type").size().to_dict())
+print(f"collective ops: {n_collective} = {N} device(s) x {n_collective / N:g} all-reduce(s) per step")
+
+# %%
+fig, axes = plt.subplots(len(step_traces), 1, figsize=(12, 1.2 + 0.5 * sum(o["thread"].nunique() for o in step_traces.values())))
+for ax, (label, ops) in zip(axes, step_traces.items(), strict=True):
+    plot_timeline(ops, ax, f"what ran: one SGD step of the head, {label} (profiler trace)")
+    ax.set_xlim(0, max(o["end_ms"].max() for o in step_traces.values()))  # one time scale
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# How to read the tables and the timelines:
+#
+# - **Threads, not devices.** Logical CPUs share TensorFlow's thread pools, so a row is a
+#   thread of that pool. An op's bar covers the time it took, including time spent
+#   waiting for the shared cores; several bars at the same moment mean ops of different
+#   devices running at once, which is how the executor runs the N shards' matmuls.
+# - **Communicate** is the all-reduce the layouts imply: the forward pass sums the
+#   row-parallel layer's partial logits. The backward pass needs none in this step: the
+#   weight gradients stay sharded like their weights, and the step does not ask for the
+#   gradient of its input (the proof above did, and that cost the second all-reduce). A
+#   collective op waits for every device's part to arrive, so its bar also holds the wait
+#   for the slowest device: on real devices this is the time to look at first.
+# - **Update** is the `w -= lr * g` of every block, where the block lives; the sharded
+#   side has N times as many update ops, each on a block N times smaller.
+#
+# On GPUs the same trace has one plane per GPU (`/device:GPU:0`, ...), whose kernels give
+# each device's own busy time. TensorBoard's profile view opens these traces too
+# (`requirements-profile.txt`, see the README).
 #
 # ## 5. Memory: bytes per device
 #

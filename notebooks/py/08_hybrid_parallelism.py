@@ -45,8 +45,8 @@
 # <!-- runtime:start -->
 # | mode | 2-core CPU | GPU |
 # |---|---|---|
-# | full (`SERIES_MODE=full`, real CIFAR-10) | 7.2 min | not measured |
-# | smoke (`SERIES_MODE=smoke`) | 1.4 min | not measured |
+# | full (`SERIES_MODE=full`, real CIFAR-10) | 1.4 min | not measured |
+# | smoke (`SERIES_MODE=smoke`) | 27 s | not measured |
 # <!-- runtime:end -->
 
 # %% [markdown]
@@ -297,7 +297,12 @@ class Adam(tf.Module):
         self.iterations = dtensor.DVariable(tp.shard(np.float32(0), replicated(mesh, 0)))
 
     def apply(self, grads, variables):
-        """One update (inside a tf.function)."""
+        """One update (inside a tf.function), under the name scope notebook 07's trace_step reads."""
+        with tf.name_scope("update"):
+            self.update(grads, variables)
+
+    def update(self, grads, variables):
+        """Adam's arithmetic, shard by shard."""
         t = self.iterations + 1.0
         alpha = self.lr * tf.sqrt(1.0 - tf.pow(self.beta_2, t)) / (1.0 - tf.pow(self.beta_1, t))
         for g, w, m_slot, v_slot in zip(grads, variables, self.m, self.v):
@@ -595,6 +600,82 @@ print(f"\nfastest mesh here: {fastest}; 1x{n_devices} runs at "
 #   real GPUs each device has its own compute: data parallelism scales throughput, tensor
 #   parallelism adds an all-reduce per split layer and is worth it when a layer's weights
 #   do not fit one device or when the batch cannot grow further.
+#
+# ### Where the time goes: the mesh step and MirroredStrategy's step, profiled
+#
+# Notebook 07's `trace_step` reads one training step back from a TensorFlow profiler trace
+# and names the phase of every op. Trace the all-`batch` mesh's step (pure data
+# parallelism written with DTensor) and notebook 02's data-parallel step (`strategy.run` of
+# the per-replica forward and backward, then Keras's Adam, which all-reduces the
+# gradients), on the same devices, with the same widened CNN, the same weights and the
+# same global batch. The traces go to `runs/08_hybrid_parallelism/profile` (ignored by git).
+
+# %%
+from utils.lessons.mirrored_strategy import make_train_step as mirrored_train_step
+from utils.lessons.tensor_parallelism import phase_table, plot_timeline, trace_step
+
+PROFILE_DIR = config.run_dir("08_hybrid_parallelism") / "profile"
+x_prof, y_prof = data.to_float(cifar.x_train[:global_batch]), cifar.y_train[:global_batch].astype(np.int32)
+dp_mesh = hybrid_mesh(n_devices, 1)
+dp_step = make_train_step(HybridCNN(wide, dp_mesh), Adam(1e-3))
+strategy = devices.make_strategy()
+with strategy.scope():
+    mirrored_model = keras.models.clone_model(wide)
+    mirrored_model.set_weights(wide.get_weights())
+    mirrored_step = mirrored_train_step(strategy, mirrored_model, keras.optimizers.Adam(1e-3), global_batch)
+one_batch = tf.data.Dataset.from_tensors((x_prof, y_prof))
+profiles = {}
+with config.quiet_tf_logs():
+    profiles[f"DTensor mesh {n_devices}x1"] = trace_step(dp_step, batch_to_mesh(dp_mesh, x_prof, y_prof),
+                                                          PROFILE_DIR / "mesh")
+    profiles["MirroredStrategy"] = trace_step(mirrored_step, (next(iter(strategy.experimental_distribute_dataset(
+        one_batch))),), PROFILE_DIR / "mirrored")
+summary = {}
+for label, ops in profiles.items():
+    table, wall, parallel = phase_table(ops)
+    summary[label] = {**{f"{p} ms": v for p, v in table["op_ms"].items()}, "ops": len(ops),
+                      "collective ops": int(ops["type"].str.startswith("Collective").sum()),
+                      "update ops": int(table["ops"].get("update", 0)), "wall ms": wall, "ops at once": parallel}
+print(f"one step, global batch {global_batch}, {n_devices} device(s); op time summed over threads:")
+print(pd.DataFrame(summary).round(2).to_string())
+mesh_label = f"DTensor mesh {n_devices}x1"
+print(f"\nwall time of the mesh step / MirroredStrategy's step: "
+      f"{summary[mesh_label]['wall ms'] / summary['MirroredStrategy']['wall ms']:.2f}")
+for label, ops in profiles.items():
+    top = ops.assign(ms=ops["end_ms"] - ops["start_ms"]).groupby("type")["ms"].sum().nlargest(5)
+    print(f"{label}, longest op types (ms):", ", ".join(f"{t} {v:.1f}" for t, v in top.items()))
+
+# %%
+fig, axes = plt.subplots(2, 1, figsize=(12, 1.2 + 0.5 * sum(o["thread"].nunique() for o in profiles.values())))
+for ax, (label, ops) in zip(axes, profiles.items(), strict=True):
+    plot_timeline(ops, ax, f"what ran: one training step, {label} (profiler trace)")
+    ax.set_xlim(0, max(o["end_ms"].max() for o in profiles.values()))  # one time scale
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# What the two traces say (the numbers are in the printout above):
+#
+# - **Both are one compiled program per step.** The traces hold only the step's ops: no
+#   retracing, no op dispatched from Python, no input copied during the step (both batches
+#   were placed on the devices before). What differs is how the same data-parallel
+#   arithmetic is cut into ops and collectives.
+# - **Communicate** is the gradients' all-reduce, with the ops that pack the gradients into
+#   one buffer and unpack them. Count the collective ops: each step runs only a few per
+#   device, however many weights the model has, because both runtimes pack first. Keras's
+#   Adam concatenates the gradients (`adam/concat`, `adam/split`); DTensor combines the
+#   gradients' all-reduces into one (`DTensorAllReduceOp/CombinedReduceUpdateSlice`) and
+#   also all-reduces the loss's mean over the batch (`Mean/DTensorAllReduceOp`). A
+#   collective's bar starts when the first device reaches it and ends when the last one
+#   has, so it also holds the wait for the slowest device: the long red bars are mostly
+#   waiting, while the devices' other ops run on the other threads.
+# - **Update**: Keras's Adam (`adam/update_*`) and the notebook's `Adam` (`update/`) do the
+#   same arithmetic; Keras's runs as more, smaller ops per variable.
+# - **Ops at once** above 1 means ops of different devices ran at the same time; on 2
+#   cores that is sharing, not extra compute.
+#
+# `make bench` times both steps over many steps, interleaved, and reports their ratio
+# (README, *Benchmarks*).
 #
 # ## 2. A decoder-only transformer block, sharded the Megatron way
 #

@@ -124,7 +124,12 @@ class Adam(tf.Module):
         self.iterations = dtensor.DVariable(tp.shard(np.float32(0), replicated(mesh, 0)))
 
     def apply(self, grads, variables):
-        """One update (inside a tf.function)."""
+        """One update (inside a tf.function), under the name scope notebook 07's trace_step reads."""
+        with tf.name_scope("update"):
+            self.update(grads, variables)
+
+    def update(self, grads, variables):
+        """Adam's arithmetic, shard by shard."""
         t = self.iterations + 1.0
         alpha = self.lr * tf.sqrt(1.0 - tf.pow(self.beta_2, t)) / (1.0 - tf.pow(self.beta_1, t))
         for g, w, m_slot, v_slot in zip(grads, variables, self.m, self.v):

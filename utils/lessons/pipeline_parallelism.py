@@ -123,23 +123,28 @@ def ideal_bubble(num_stages, num_micro_batches):
 import time
 
 
-def pipeline_pass(stages, devices, x, y, tasks, log=None):
+def pipeline_pass(stages, devices, x, y, tasks, log=None, strict=False):
     """Loss and summed gradients of one batch, running `tasks` (F and B of m micro-batches).
 
     log: a list that gets (task, start s, end s, micro-batches stashed on the stage) per task.
+    strict: in a graph, every task waits for its stage's previous task, not only at switches.
     """
     p, m = len(stages), 1 + max(i for _, _, i in tasks)
     xs, ys, inv_batch = tf.split(x, m), tf.split(y, m), 1.0 / x.shape[0]
     inbox, stash, grads, losses = {}, {}, [None] * p, []
-    done = [[] for _ in range(p)]  # the results of each stage's latest task
+    # per stage: (kind of its current run of tasks, their results, the previous run's results)
+    runs = [("", [], []) for _ in range(p)]
     for task in tasks:
         kind, s, i = task
         t0 = time.perf_counter()
+        if runs[s][0] != kind or strict:  # the stage switches between forwards and backwards
+            runs[s] = (kind, [], runs[s][1])
         # Run on the stage's device, name the ops after the task (F0_1: forward of stage 0 on
         # micro-batch 1, the profiler shows these names), and start only after the stage's
-        # previous task: in a graph that keeps each stage's order; eagerly it changes nothing.
+        # tasks before its last switch: in a graph that keeps the schedule's switches between
+        # forwards and backwards; eagerly it changes nothing.
         with (tf.device(devices[s]), tf.name_scope(f"{kind}{s}_{i}"),
-              tf.control_dependencies(done[s])):
+              tf.control_dependencies(runs[s][2])):
             if kind == "F":  # forward: receive, run under a tape, stash the tape, send on
                 with tf.GradientTape() as tape:
                     h = tf.identity(xs[i] if s == 0 else inbox.pop(("F", s, i)))  # copy to this device
@@ -152,7 +157,7 @@ def pipeline_pass(stages, devices, x, y, tasks, log=None):
                 stash[s, i] = (tape, h, out)
                 if s < p - 1:
                     inbox["F", s + 1, i] = out
-                done[s] = [out]
+                runs[s][1].append(out)
             else:  # backward: gradient of the weights and of the input, from the gradient sent back
                 tape, h, out = stash.pop((s, i))
                 upstream = None if s == p - 1 else tf.identity(inbox.pop(("B", s, i)))
@@ -163,7 +168,7 @@ def pipeline_pass(stages, devices, x, y, tasks, log=None):
                     a + b for a, b in zip(grads[s], g[:n], strict=True)]
                 if s > 0:
                     inbox["B", s - 1, i] = g[n]  # the input gradient goes back one stage
-                done[s] = g
+                runs[s][1].extend(g)
         if log is not None:
             log.append((task, t0, time.perf_counter(), sum(k[0] == s for k in stash)))
     return tf.add_n(losses), [g for stage_grads in grads for g in stage_grads]
@@ -195,11 +200,12 @@ def compile_step(gradients_fn, variables, optimizer=None):
     return step
 
 
-def make_pipeline_step(stages, devices, num_micro_batches, kind="gpipe", optimizer=None):
+def make_pipeline_step(stages, devices, num_micro_batches, kind="gpipe", optimizer=None, strict=False):
     """The pipelined step of `kind`'s order as one tf.function: step(x, y) -> (loss, gradients)."""
     tasks = execution_order(SCHEDULES[kind](len(stages), num_micro_batches))
     variables = [v for stage in stages for v in stage.trainable_variables]
-    return compile_step(lambda x, y: pipeline_pass(stages, devices, x, y, tasks), variables, optimizer)
+    return compile_step(lambda x, y: pipeline_pass(stages, devices, x, y, tasks, strict=strict), variables,
+                        optimizer)
 
 
 def make_unsplit_step(model, optimizer=None):
@@ -208,7 +214,6 @@ def make_unsplit_step(model, optimizer=None):
 
 
 import glob
-import re
 import shutil
 
 import pandas as pd
@@ -225,13 +230,10 @@ def capture_trace(step, x, y, logdir):
     return logdir
 
 
-TASK_OP = re.compile(r"(gradient_tape/)?([FB])(\d+)_(\d+)/")  # F1_2/... or gradient_tape/F1_2/...
+def read_trace(trace_dir):
+    """Every op in the newest trace under trace_dir, times in ms from the first op.
 
-
-def op_intervals(trace_dir):
-    """The ops of every task in the newest trace under trace_dir, times in ms from the first.
-
-    Returns DataFrame(stage, kind, micro_batch, name, start_ms, end_ms), one row per op run.
+    Returns DataFrame(thread, name, type, start_ms, end_ms), one row per op run.
     """
     path = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1]
     space = xplane_pb2.XSpace()
@@ -242,16 +244,31 @@ def op_intervals(trace_dir):
         for line in plane.lines:  # one line per thread
             for event in line.events:
                 meta = plane.event_metadata[event.metadata_id]
-                task = TASK_OP.match(meta.name)
-                if task and meta.display_name:  # an op (its display name is its type) of a task
+                if meta.display_name:  # an op: its display name is its type
                     start_ps = line.timestamp_ns * 1000 + event.offset_ps
-                    rows.append({"stage": int(task[3]), "kind": "B" if task[1] else task[2],
-                                 "micro_batch": int(task[4]), "name": meta.name.split(":")[0],
+                    rows.append({"thread": line.name, "name": meta.name.split(":")[0], "type": meta.display_name,
                                  "start_ps": start_ps, "end_ps": start_ps + event.duration_ps})
     ops = pd.DataFrame(rows)
     t0 = ops["start_ps"].min()
     ops["start_ms"], ops["end_ms"] = (ops["start_ps"] - t0) / 1e9, (ops["end_ps"] - t0) / 1e9
     return ops.drop(columns=["start_ps", "end_ps"]).sort_values("start_ms", ignore_index=True)
+
+
+TASK_OP = r"^(gradient_tape/)?([FB])(\d+)_(\d+)/"  # F1_2/... or gradient_tape/F1_2/...
+
+
+def op_intervals(trace_dir):
+    """The ops of every task in the newest trace under trace_dir, times in ms from the first.
+
+    Returns DataFrame(stage, kind, micro_batch, name, start_ms, end_ms), one row per op run.
+    """
+    ops = read_trace(trace_dir)
+    task = ops["name"].str.extract(TASK_OP)  # the groups of TASK_OP; NaN where not a task's op
+    ops = ops[task[1].notna()].assign(stage=task[2].astype("Int64"), micro_batch=task[3].astype("Int64"),
+                                      kind=task[1].where(task[0].isna(), "B"))  # gradient_tape/...: a backward
+    ops[["start_ms", "end_ms"]] -= ops["start_ms"].min()
+    return ops[["stage", "kind", "micro_batch", "name", "start_ms", "end_ms"]].astype(
+        {"stage": int, "micro_batch": int}).reset_index(drop=True)
 
 
 def busy_and_overlap(intervals):

@@ -84,7 +84,7 @@ class ZeroAdam(hp.Adam):
         self.v = [zeros(w, s) for w, (_, s, _) in zip(variables, self.layouts)]
         self.iterations = dtensor.DVariable(tp.shard(np.float32(0), hp.replicated(mesh, 0)))
 
-    def apply(self, grads, variables):
+    def update(self, grads, variables):  # notebook 08's apply runs it under the name scope "update"
         t = self.iterations + 1.0
         alpha = self.lr * tf.sqrt(1.0 - tf.pow(self.beta_2, t)) / (1.0 - tf.pow(self.beta_1, t))
         for g, w, g_buf, m_slot, v_slot, (g_layout, slot_layout, w_layout) in zip(

@@ -224,9 +224,83 @@ def make_sgd_step(module, learning_rate, loss_fn=sparse_cross_entropy):
     def step(x, y):
         with tf.GradientTape() as tape:
             loss = loss_fn(module(x), y)  # forward (one all-reduce when sharded)
-        grads = tape.gradient(loss, variables)  # backward (one more)
-        for var, grad in zip(variables, grads, strict=True):
-            var.assign_sub(learning_rate * grad)  # update, where each block lives
+        grads = tape.gradient(loss, variables)  # backward (no all-reduce: weight gradients stay sharded)
+        with tf.name_scope("update"):  # the profiler trace below finds the update by this name
+            for var, grad in zip(variables, grads, strict=True):
+                var.assign_sub(learning_rate * grad)  # update, where each block lives
         return loss
 
     return step
+
+
+import re
+import shutil
+
+import matplotlib.patches
+
+from utils.lessons.pipeline_parallelism import read_trace
+
+UPDATE_SCOPE = re.compile(r"(^|/)update(_\d+)*/")  # the step's update scope; Keras: adam/update_3/...
+PACKING = re.compile(r"(^|/)(adam|sgd)/(concat|split)")  # Keras packs gradients into one all-reduce
+PHASE_COLORS = {"forward": "#4C72B0", "backward": "#DD8452", "communicate": "#C44E52", "update": "#55A868"}
+
+
+def phase_of(name, op_type):
+    """The phase of a training step an op belongs to, read from its name and type."""
+    if op_type.startswith("Collective") or "AllReduce" in name or PACKING.search(name):
+        return "communicate"  # the all-reduces, with the ops that pack and unpack their buffers
+    if "gradient_tape/" in name:  # ops the GradientTape added for the backward pass
+        return "backward"
+    if UPDATE_SCOPE.search(name) or op_type.startswith(("Assign", "ResourceApply")):
+        return "update"
+    return "forward"
+
+
+def trace_step(step, args, logdir, warmup=3, repeats=5):
+    """Every op of one run of step(*args), read from a profiler trace.
+
+    Of `repeats` runs, each traced into its own folder under logdir after `warmup` untimed
+    runs, the one with the median wall time (a single run varies on a shared machine).
+    Returns DataFrame(thread, name, type, phase, start_ms, end_ms), times from the first op.
+    """
+    for _ in range(warmup):  # 1. warm-up: trace, compile, settle
+        to_numpy(step(*args))
+    runs = []
+    for k in range(repeats):
+        shutil.rmtree(f"{logdir}/{k}", ignore_errors=True)  # one trace per folder
+        tf.profiler.experimental.start(f"{logdir}/{k}")  # 2. one run under the profiler
+        to_numpy(step(*args))  # reading the loss waits for the whole step
+        tf.profiler.experimental.stop()
+        runs.append(read_ops(f"{logdir}/{k}"))  # 3. the ops, read back from the trace file
+    return sorted(runs, key=lambda ops: ops["end_ms"].max())[len(runs) // 2]
+
+
+def read_ops(trace_dir):
+    """Notebook 06's read_trace, each op with its phase: DataFrame(thread, name, type, phase, start_ms, end_ms)."""
+    ops = read_trace(trace_dir)
+    ops.insert(3, "phase", [phase_of(name, op_type) for name, op_type in zip(ops["name"], ops["type"], strict=True)])
+    return ops
+
+
+def phase_table(ops):
+    """Ops and op time per phase (summed over threads), the wall time of the step, and how
+    many ops ran at once on average (summed op time / wall time): (DataFrame, wall_ms, parallel)."""
+    ms = ops["end_ms"] - ops["start_ms"]
+    table = ops.assign(ms=ms).groupby("phase")["ms"].agg(ops="count", op_ms="sum")
+    table["share"] = table["op_ms"] / table["op_ms"].sum()
+    wall = ops["end_ms"].max() - ops["start_ms"].min()
+    return table.reindex([p for p in PHASE_COLORS if p in table.index]), wall, ms.sum() / wall
+
+
+def plot_timeline(ops, ax, title):
+    """What ran: one row per thread (in order of its first op), each op a bar in its phase's colour."""
+    threads = list(ops.groupby("thread")["start_ms"].min().sort_values().index)
+    for row, thread in enumerate(threads):
+        for phase, group in ops[ops["thread"] == thread].groupby("phase"):
+            ax.broken_barh(list(zip(group["start_ms"], group["end_ms"] - group["start_ms"], strict=True)),
+                           (row - 0.4, 0.8), facecolors=PHASE_COLORS[phase])
+    ax.set_yticks(range(len(threads)), [f"thread {i}" for i in range(len(threads))])
+    ax.invert_yaxis()
+    ax.legend(handles=[matplotlib.patches.Patch(color=c, label=p) for p, c in PHASE_COLORS.items()],
+              loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    ax.set(xlabel="time (ms)", title=title)
