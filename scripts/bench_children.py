@@ -138,13 +138,18 @@ def run_measurement(spec: dict) -> dict:
         raise ValueError(f"unknown kind {spec['kind']!r}")
     if spec.get("tuned_threads"):
         devices.set_threads(*devices.replica_threads(spec["replicas"]))
+    elif spec.get("threads"):  # [intra_op, inter_op]; 0 keeps TensorFlow's default
+        devices.set_threads(*(t or None for t in spec["threads"]))
     devices.setup_devices(spec.get("cpus", 1))
     import keras
 
     config.seed_everything(0)
     ds = data.load_cifar10(allow_synthetic=True, n_train=spec["n_train"], n_test=spec.get("n_test"))
     keras.mixed_precision.set_global_policy(spec.get("policy", "float32"))
-    return {**KINDS[spec["kind"]](spec, ds), "synthetic": ds.is_synthetic}
+    import tensorflow as tf
+
+    pools = [tf.config.threading.get_intra_op_parallelism_threads(), tf.config.threading.get_inter_op_parallelism_threads()]
+    return {**KINDS[spec["kind"]](spec, ds), "synthetic": ds.is_synthetic, "threads": pools}
 
 
 if __name__ == "__main__":

@@ -70,6 +70,17 @@ def test_readme_keeps_one_bench_table_per_kind_of_machine():
     assert block.index(avx2) < block.index("| new |") < block.index(avx512) < block.index("| b |")
 
 
+def test_thread_candidates_start_from_the_defaults_and_hold_the_formula():
+    from utils import devices
+
+    for n, cores in [(2, 2), (4, 2), (2, 8)]:
+        cands = bench.thread_candidates(n, cores)
+        assert cands[0] == (0, 0) and devices.replica_threads(n, cores) in cands
+        assert len(cands) == len(set(cands)) and all(intra <= cores for intra, _ in cands)
+    assert bench.threads_label((0, 0)) == "intra-op default, inter-op default"
+    assert bench.threads_label((1, 4)) == "intra-op 1, inter-op 4"
+
+
 def test_peak_flops_hand_count():
     # 2 cores x 2.6 GHz x 8 fp32 lanes (256 bits) x 2 (FMA) x 2 FMA units = 166.4 GFLOP/s
     assert bench.peak_flops(2, 2.6, 256) == pytest.approx(166.4e9)
@@ -109,6 +120,7 @@ KINDS = {
     "tp": {"cpus": 4, "replicas": 4},
     "mesh": {"cpus": 4, "mesh": [2, 2]},
     "seed fit": {"kind": "fit", "recipe": "seed", "batch": 32, "cpus": 1, "replicas": 1},
+    "fit, threads set": {"kind": "fit", "recipe": "series", "cpus": 2, "replicas": 2, "threads": [1, 3]},
 }
 
 
@@ -124,6 +136,8 @@ def test_every_kind_of_measurement_runs_in_a_fresh_process(name, tmp_path):
     assert out, f"{name}: no result"
     if name == "pp":
         assert out["overlap"] > 0 and list((tmp_path / "trace").rglob("*.xplane.pb"))
+    if "threads" in spec:  # the child's TensorFlow ran with the pools it was given
+        assert out["threads"] == spec["threads"]
 
 
 def test_fresh_process_measurement_and_its_errors():
@@ -193,4 +207,8 @@ def test_one_failed_measurement_still_gives_the_table(tmp_path, monkeypatch):
     assert rows["tuned tf.data / in-memory ceiling"]["ratio"] == "0.96"
     assert rows["DTensor mesh 2x2 vs Mirrored, 4 CPUs"]["target"] == ">= 0.7"
     assert rows["pipeline, 2 stages on 2 CPUs, m=4: overlap (profiler)"]["met"] == "yes"
-    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 16  # 9 fits, feeds, 3 pp, tp, 2 meshes
+    best = rows["Mirrored 2 CPUs, threads measured best"]
+    assert best["met"] == "yes" and "fastest of" in best["note"] and "measured again" in best["note"]
+    sweeps = sum(len(bench.thread_candidates(n, bench.cpu_info().cores)) + 1 for n in (2, 4))
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 16 + sweeps  # 9 fits, feeds, 3 pp, tp,
+    # 2 meshes, and per replica count every thread setting plus the winner's re-run

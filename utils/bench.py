@@ -132,6 +132,23 @@ def machine_info() -> dict[str, str]:
     }
 
 
+def thread_candidates(num_replicas: int, cores: int) -> list[tuple[int, int]]:
+    """(intra-op, inter-op) thread-pool settings worth measuring for N replicas on C cores.
+
+    0 keeps TensorFlow's default. The candidates: the defaults, :func:`utils.devices.replica_threads`'s
+    formula, one thread per op, all cores per op, and one thread per op with 2N ops at once.
+    """
+    from utils.devices import replica_threads
+
+    n = num_replicas
+    return list(dict.fromkeys([(0, 0), replica_threads(n, cores), (1, n), (cores, n), (1, 2 * n)]))
+
+
+def threads_label(threads: tuple[int, int]) -> str:
+    """``(1, 2)`` -> ``"intra-op 1, inter-op 2"``; 0 is TensorFlow's default."""
+    return ", ".join(f"{k} {v or 'default'}" for k, v in zip(("intra-op", "inter-op"), threads, strict=True))
+
+
 def fit_throughput(model: keras.Model, x, y, *, batch_size: int, steps: int, warmup: int = 5) -> float:
     """Images/s of ``model.fit`` for ``steps`` timed batches after ``warmup`` (one epoch).
 
@@ -186,7 +203,8 @@ def run_in_fresh_process(spec: dict, timeout: float = 900) -> dict:
     ``spec`` keys: ``kind`` ("fit", "tta", "feeds", "pp", "tp"), ``name``, ``n_train``,
     ``n_test``, ``batch``, ``steps``, ``warmup``, ``cpus`` (logical CPUs to create),
     ``replicas`` (MirroredStrategy over that many devices; absent: no strategy),
-    ``tuned_threads`` (thread pools from :func:`utils.devices.replica_threads`), ``policy``
+    ``tuned_threads`` (thread pools from :func:`utils.devices.replica_threads`), ``threads``
+    (``[intra_op, inter_op]``, 0 for TensorFlow's default), ``policy``
     (Keras dtype policy), ``recipe`` ("seed" or "series"), and kind-specific keys.
 
     Raises:

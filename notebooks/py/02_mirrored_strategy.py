@@ -45,8 +45,8 @@
 # <!-- runtime:start -->
 # | mode | 2-core CPU | GPU |
 # |---|---|---|
-# | full (`SERIES_MODE=full`, real CIFAR-10) | 10.7 min | not measured |
-# | smoke (`SERIES_MODE=smoke`) | 1.6 min | not measured |
+# | full (`SERIES_MODE=full`, real CIFAR-10) | 1.6 min | not measured |
+# | smoke (`SERIES_MODE=smoke`) | 46 s | not measured |
 # <!-- runtime:end -->
 
 # %% [markdown]
@@ -618,7 +618,7 @@ print(timing.to_string(index=False))
 # (*intra-op* parallelism) and runs several ops at once (*inter-op* parallelism). With N
 # replicas on C cores, each replica's convolution asks for C threads while the other
 # replicas' convolutions ask for theirs: about N × C busy threads on C cores, which then
-# wait for each other at every op and at every all-reduce. The fix is to size the pools for
+# wait for each other at every op and at every all-reduce. A first guess sizes the pools for
 # the replicas: `utils.devices.replica_threads(N)` gives each op `C // N` threads (at least
 # 1) and lets up to N ops run at once, so the total stays near the core count.
 #
@@ -631,11 +631,10 @@ threads = devices.replica_threads(2)
 print(f"replica_threads(2) on {devices.usable_cores()} cores -> intra-op {threads[0]}, inter-op {threads[1]}")
 spec = {"kind": "fit", "recipe": "series", "batch": 128, "n_train": S.n_train, "n_test": 100,
         "steps": config.pick(smoke=3, full=40), "warmup": config.pick(smoke=2, full=5)}
-configs = {
-    "one device, default threads": {"cpus": 1},
-    "2 replicas, default threads": {"cpus": 2, "replicas": 2},
-    "2 replicas, replica_threads": {"cpus": 2, "replicas": 2, "tuned_threads": True},
-}
+configs = {"one device, default threads": {"cpus": 1}}
+for t in bench.thread_candidates(2, devices.usable_cores()):  # 0: TensorFlow's default
+    formula = " (replica_threads)" if t == threads else ""
+    configs[f"2 replicas, {bench.threads_label(t)}{formula}"] = {"cpus": 2, "replicas": 2, "threads": list(t)}
 rows = []
 for name, extra in configs.items():
     result = bench.run_in_fresh_process({**spec, **extra, "name": name})
@@ -643,18 +642,22 @@ for name, extra in configs.items():
 overhead = pd.DataFrame(rows)
 overhead["vs one device"] = (overhead["images/s"] / overhead["images/s"].iloc[0]).round(2)
 print(overhead.to_string(index=False))
+fastest = overhead.iloc[1:].loc[overhead["images/s"].iloc[1:].idxmax()]
+print(f"\nfastest for 2 replicas here: {fastest['configuration']}, {fastest['vs one device']:.2f}x one device")
 
 # %% [markdown]
-# Compare the last two rows: the same two replicas, only the thread pools differ. Sizing the
-# pools for the replicas targets the oversubscription; the "vs one device" column shows how
-# much of the gap it closes on this machine (CPUs differ a lot here: on some machines two
-# tuned replicas match one device, on others, like an AVX2-only CPU, they stay well below).
-# It cannot make two logical CPUs faster than the two physical cores they share, so the
-# best to expect is about the speed of one device; the first row is measured separately, and
-# other programs running at the same time move it up or down. `make bench` runs the same
-# comparison for 2 and 4 replicas and larger per-replica batches, and records the
-# machine. To use it in your own notebook, call
-# `devices.set_threads(*devices.replica_threads(N))` before `setup_devices()`.
+# Compare the rows of two replicas: the same two replicas, only the thread pools differ
+# (TensorFlow's defaults, the `replica_threads` formula, one thread per op, all cores per
+# op, one thread per op with more ops at once). Which one wins depends on the CPU, so it is
+# measured, not assumed; the "vs one device" column shows how much of the gap each closes on
+# this machine (CPUs differ a lot here: on some machines two tuned replicas match one
+# device, on others, like an AVX2-only CPU, they stay well below). No setting can make two
+# logical CPUs faster than the two physical cores they share, so the best to expect is about
+# the speed of one device; the first row is measured separately, and other programs running
+# at the same time move it up or down. `make bench` runs the same sweep for 2 and 4
+# replicas, measures the fastest setting once more, and records the machine. To use a
+# setting in your own notebook, call `devices.set_threads(intra_op, inter_op)` (or
+# `devices.set_threads(*devices.replica_threads(N))`) before `setup_devices()`.
 #
 # On real GPUs each replica has its own arithmetic units and memory, so N GPUs process
 # close to N times the images per second, as long as the all-reduce (over NVLink or PCIe)
